@@ -1,0 +1,39 @@
+# `make demo` and `make test` set everything up from nothing (virtual environment, package,
+# Debian's Fashion-MNIST) and then run.
+VENV   := .venv
+PYTHON ?= python3
+STAMP  := $(VENV)/.installed
+BIN    := $(VENV)/bin
+
+.PHONY: setup data demo test test-fast lint bench clean
+
+setup: $(STAMP) data
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+data:
+	./scripts/install-data.sh
+
+demo: setup
+	$(BIN)/carprune demo
+
+# pytest exits 5 when it collected no test: that is a failure too.
+test: setup
+	$(BIN)/python -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$rc
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+
+bench: setup
+	$(BIN)/carprune bench
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

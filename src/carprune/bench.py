@@ -1,0 +1,133 @@
+"""Fast against naive CAR, same process, same data: the speed-up and how close to its bound.
+
+Per layer: the first S greedy steps with each engine (picks must be identical), seconds per
+candidate, and the lower bound of the fast engine: per candidate and image, the MACs of
+everything after the consumer, at the throughput this machine reaches on the whole network.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .groups import Surgery, Unit
+from .prune import car_prune
+from .scoring import FastEngine, NaiveEngine, ScoringSet, rank
+from .scoring.fast import plan_layer
+from .scoring.naive import full_pass
+
+
+@dataclass
+class LayerBench:
+    layer: str
+    candidates: int          # candidates scored over the S steps
+    naive_seconds: float
+    fast_seconds: float
+    bound_seconds: float     # lower bound for the fast engine over the same candidates
+    picks_naive: list[int]
+    picks_fast: list[int]
+
+    @property
+    def speedup(self) -> float:
+        return self.naive_seconds / self.fast_seconds
+
+    @property
+    def identical(self) -> bool:
+        return self.picks_naive == self.picks_fast
+
+
+def module_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    """MACs per image of every conv and linear layer, by name (hooks on one forward pass)."""
+    macs, hooks = {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            def hook(mod, inp, out, name=name):
+                k = mod.kernel_size[0] * mod.kernel_size[1] * mod.in_channels // mod.groups
+                macs[name] = out[0].numel() * k
+        elif isinstance(m, nn.Linear):
+            def hook(mod, inp, out, name=name):
+                macs[name] = mod.in_features * mod.out_features
+        else:
+            continue
+        hooks.append(m.register_forward_hook(hook))
+    with torch.inference_mode():
+        model.eval()(example[:1])
+    for h in hooks:
+        h.remove()
+    return macs
+
+
+def tail_macs(surgery: Surgery, layer: str, macs: dict[str, int]) -> int:
+    plan = plan_layer(surgery, layer)
+    if plan is None:
+        return sum(macs.values())
+    called = {n.target for n in plan.tail.graph.nodes if n.op == "call_module"}
+    return sum(v for k, v in macs.items() if k in called)
+
+
+def _greedy(engine, surgery: Surgery, layer: str, scoring: ScoringSet, steps: int):
+    picks, candidates = [], 0
+    start = time.perf_counter()
+    for _ in range(steps):
+        units = [Unit(layer, c) for c in range(surgery.size(layer))]
+        candidates += len(units)
+        _, scores = engine.score(surgery, units, scoring)
+        chosen = rank(scores, surgery.alive[layer])[0]
+        picks += surgery.remove(layer, [chosen])
+    return picks, candidates, time.perf_counter() - start
+
+
+def bench_layers(model: nn.Module, scoring: ScoringSet, layers: list[str], steps: int,
+                 progress=print) -> tuple[list[LayerBench], float]:
+    """Returns the per-layer figures and the measured throughput (MAC/s) of the network."""
+    model = copy.deepcopy(model).eval()
+    example = scoring.example()
+    macs = module_macs(model, example)
+    full_pass(model, scoring)  # warm-up
+    start = time.perf_counter()
+    full_pass(model, scoring)
+    throughput = sum(macs.values()) * scoring.total / (time.perf_counter() - start)
+    rows = []
+    for layer in layers:
+        naive_s = Surgery(copy.deepcopy(model), example)
+        fast_s = Surgery(copy.deepcopy(model), example)
+        bound_per_cand = tail_macs(fast_s, layer, macs) * scoring.total / throughput
+        progress(f"bench {layer}: naive engine, {steps} steps ...")
+        picks_n, cands, t_naive = _greedy(NaiveEngine(), naive_s, layer, scoring, steps)
+        progress(f"bench {layer}: fast engine, {steps} steps ...")
+        picks_f, _, t_fast = _greedy(FastEngine(), fast_s, layer, scoring, steps)
+        rows.append(LayerBench(layer, cands, t_naive, t_fast, bound_per_cand * cands, picks_n,
+                               picks_f))
+    return rows, throughput
+
+
+def whole_run(model: nn.Module, scoring: ScoringSet, layers: list[str], keep: float,
+              progress: bool = True) -> tuple[float, dict[str, int]]:
+    """Seconds for exact fast CAR of every layer to `keep`, and candidates scored per layer."""
+    result = car_prune(model, scoring, layers, keep=keep, engine="fast", progress=progress)
+    cands = {name: sum(len(s.candidates) for s in rec.steps)
+             for name, rec in result.layers.items()}
+    return result.seconds, cands
+
+
+def overall_speedup(rows: list[LayerBench], run_seconds: float,
+                    run_candidates: dict[str, int]) -> float:
+    """Naive time of the whole run (its candidates at the naive per-candidate cost measured per
+    layer) over the fast engine's measured time for that run."""
+    naive = sum(r.naive_seconds / r.candidates * run_candidates[r.layer] for r in rows)
+    return naive / run_seconds
+
+
+def to_json(rows: list[LayerBench], throughput: float, run_seconds: float | None,
+            overall: float | None, scoring_images: int, steps: int) -> dict:
+    return {"scoring_images": scoring_images, "steps": steps,
+            "throughput_gmacs": throughput / 1e9, "threads": torch.get_num_threads(),
+            "layers": [dict(asdict(r), speedup=r.speedup, identical=r.identical,
+                            fast_over_bound=r.fast_seconds / r.bound_seconds) for r in rows],
+            "whole_run_seconds": run_seconds, "overall_speedup": overall,
+            "identical_picks": all(r.identical for r in rows)}
+

@@ -1,0 +1,169 @@
+"""Prunable units: Torch-Pruning dependency groups, their ablation masks, and surgery.
+
+A *unit* is output channel `i` of a named conv layer together with everything Torch-Pruning's
+`DependencyGraph` says must go with it (the BatchNorm channel, coupled residual producers,
+consumers' input channels). Two operations:
+
+- *ablate*: zero every producing parameter of the group (conv/linear weight rows and biases,
+  norm scales and shifts), so the channel is identically zero downstream. For activations with
+  f(0) = 0 this is exactly the network with the unit removed; it is how units are scored.
+- *remove*: physical removal through Torch-Pruning, once a unit is chosen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+from .errors import CarpruneError
+
+_NORMS = (_BatchNorm, _InstanceNorm, nn.GroupNorm)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Output channel `channel` (current numbering) of conv layer `layer`."""
+
+    layer: str
+    channel: int
+
+
+def _is_depthwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.groups == m.in_channels == m.out_channels > 1
+
+
+def replay_history(model: nn.Module, input_shape: Sequence[int], history: list) -> None:
+    """Re-apply Torch-Pruning's recorded removals to a fresh instance of the architecture."""
+    model.eval()
+    dg = tp.DependencyGraph().build_dependency(model, torch.zeros(1, *input_shape), verbose=False)
+    try:
+        dg.load_pruning_history([[name, bool(out), [int(i) for i in idx]]
+                                 for name, out, idx in history])
+    except (AttributeError, IndexError, ValueError) as exc:
+        raise CarpruneError(f"the pruning history in model.json does not apply to this "
+                            f"architecture ({exc}); restore the model.json of the run") from None
+
+
+class Surgery:
+    """Owns a model's dependency graph; ablates and removes units, and keeps their numbering.
+
+    `alive[layer]` maps the layer's current channel positions to its original indices, so every
+    record can speak the numbering of the network the user started from.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: torch.Tensor,
+                 prior_history: list | None = None):
+        self.model = model.eval()
+        self.example_inputs = example_inputs
+        self.dg = tp.DependencyGraph().build_dependency(model, example_inputs, verbose=False)
+        self.prior_history = list(prior_history or [])
+        self.modules = dict(model.named_modules())
+        self.alive: dict[str, list[int]] = {
+            name: list(range(m.out_channels)) for name, m in self.modules.items()
+            if isinstance(m, nn.Conv2d)}
+        self.removals: list[tuple[str, list[int]]] = []
+
+    # -- naming -----------------------------------------------------------------------------
+    def conv_layers(self) -> list[str]:
+        """Layers whose filters can be pruned: convs with a dependency group, not depthwise."""
+        return [n for n, m in self.modules.items()
+                if isinstance(m, nn.Conv2d) and not _is_depthwise(m) and m in self.dg.module2node]
+
+    def check_layer(self, name: str) -> nn.Conv2d:
+        if name not in self.modules:
+            raise CarpruneError(f"the model has no layer {name!r}; prunable layers are: "
+                                f"{', '.join(self.conv_layers())}")
+        module = self.modules[name]
+        if name not in self.conv_layers():
+            raise CarpruneError(f"layer {name!r} is a {type(module).__name__}, not a prunable "
+                                f"conv layer; choose from: {', '.join(self.conv_layers())}")
+        return module
+
+    def size(self, layer: str) -> int:
+        return self.modules[layer].out_channels
+
+    # -- groups -----------------------------------------------------------------------------
+    def group(self, layer: str, channels: Sequence[int]):
+        return self.dg.get_pruning_group(self.modules[layer], tp.prune_conv_out_channels,
+                                         [int(c) for c in channels])
+
+    def producers(self, layer: str, channel: int) -> list[tuple[torch.Tensor, list[int]]]:
+        """(parameter, indices along dim 0) of everything that produces the unit's channel."""
+        out = []
+        for dep, idxs in self.group(layer, [channel]):
+            m = dep.target.module
+            is_out = self.dg.is_out_channel_pruning_fn(dep.handler)
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and (is_out or _is_depthwise(m)) \
+                    or isinstance(m, _NORMS) and getattr(m, "affine", True):
+                out += [(p, list(idxs)) for p in (m.weight, m.bias) if p is not None]
+        return out
+
+    def consumers(self, layer: str, channel: int) -> list[tuple[str, list[int]]]:
+        """(layer name, input indices) of every conv/linear that reads the unit's channel."""
+        names = {m: n for n, m in self.modules.items()}
+        out = []
+        for dep, idxs in self.group(layer, [channel]):
+            m = dep.target.module
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and self.dg.is_in_channel_pruning_fn(
+                    dep.handler) and not _is_depthwise(m):
+                out.append((names[m], list(idxs)))
+        return out
+
+    def coupled(self, layer: str) -> bool:
+        """True when other layers produce the same channels (residual sums, depthwise chains)."""
+        producing = [dep.target.module for dep, _ in self.group(layer, [0])
+                     if isinstance(dep.target.module, (nn.Conv2d, nn.Linear))
+                     and (self.dg.is_out_channel_pruning_fn(dep.handler)
+                          or _is_depthwise(dep.target.module))]
+        return len(set(map(id, producing))) > 1
+
+    # -- operations -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def ablated(self, units: Sequence[Unit]) -> Iterator[None]:
+        """Zero the units' producing parameters for the duration of the block, then restore."""
+        saved = []
+        with torch.no_grad():
+            for unit in units:
+                for param, idxs in self.producers(unit.layer, unit.channel):
+                    saved.append((param, idxs, param[idxs].clone()))
+                    param[idxs] = 0
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for param, idxs, values in reversed(saved):
+                    param[idxs] = values
+
+    def remove(self, layer: str, channels: Sequence[int]) -> list[int]:
+        """Physically remove channels (current numbering); returns their original indices."""
+        channels = sorted({int(c) for c in channels})
+        if len(channels) >= self.size(layer):
+            raise CarpruneError(f"removing {len(channels)} of {self.size(layer)} filters would "
+                                f"empty layer {layer!r}; keep at least one")
+        group = self.group(layer, channels)
+        touched = {}
+        for dep, idxs in group:
+            m = dep.target.module
+            if isinstance(m, nn.Conv2d) and (self.dg.is_out_channel_pruning_fn(dep.handler)
+                                             or _is_depthwise(m)):
+                name = next(n for n, mod in self.modules.items() if mod is m)
+                touched[name] = sorted(set(idxs))
+        original = [self.alive[layer][c] for c in channels]
+        group.prune()
+        for name, idxs in touched.items():
+            gone = set(idxs)
+            self.alive[name] = [o for pos, o in enumerate(self.alive[name]) if pos not in gone]
+        self.removals.append((layer, original))
+        return original
+
+    def history(self) -> list:
+        """The full Torch-Pruning history (earlier runs first), JSON-ready."""
+        return self.prior_history + [[name, bool(out), [int(i) for i in idx]]
+                                     for name, out, idx in self.dg.pruning_history()]

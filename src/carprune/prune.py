@@ -1,0 +1,145 @@
+"""Greedy CAR pruning (Abbasi-Asl & Yu): per layer, remove the filter whose absence costs the
+least scoring accuracy, re-score every remaining filter on the new network, repeat."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import CarpruneError
+from .groups import Surgery, Unit
+from .scoring import DEFAULT_MEMORY_BUDGET, ScoringSet, make_engine, rank
+
+
+@dataclass
+class Step:
+    removed: list[int]          # original indices removed at this step
+    val_accuracy: float         # scoring accuracy of the network after the removal
+    candidates: list[int]       # original indices scored at this step
+    car: list[float]            # CAR index of each candidate: base accuracy - accuracy without
+
+
+@dataclass
+class LayerRecord:
+    filters_before: int
+    filters_after: int
+    removed: list[int] = field(default_factory=list)
+    steps: list[Step] = field(default_factory=list)
+
+
+@dataclass
+class PruneResult:
+    model: nn.Module
+    layers: dict[str, LayerRecord]
+    val_before: float
+    val_after: float
+    seconds: float
+    engine: str
+
+    def to_json(self) -> dict:
+        return {name: asdict(rec) for name, rec in self.layers.items()}
+
+
+def resolve_keep(keep: float, n: int, layer: str) -> int:
+    """Filters to keep: a fraction strictly between 0 and 1, or a whole count >= 1."""
+    if not math.isfinite(keep) or keep <= 0:
+        raise CarpruneError(f"keep must be a fraction in (0, 1) or a count >= 1, got {keep}")
+    if keep < 1:
+        target = math.floor(keep * n + 0.5)
+        if target < 1:
+            raise CarpruneError(f"keep {keep} leaves no filter of the {n} in {layer!r}; use a "
+                                f"fraction of at least {1 / (2 * n):.3f} or a count >= 1")
+        return target
+    if keep != int(keep):
+        raise CarpruneError(f"keep {keep} is neither a fraction below 1 nor a whole count; "
+                            "use e.g. 0.5 or 16")
+    if keep >= n:
+        raise CarpruneError(f"keep {int(keep)} is not below the {n} filters of {layer!r}; "
+                            f"choose a count under {n} or a fraction")
+    return int(keep)
+
+
+def check_layers(surgery: Surgery, layers: Sequence[str]) -> None:
+    if not layers:
+        raise CarpruneError("no layers given; name at least one conv layer with --layers")
+    dupes = sorted({name for name in layers if list(layers).count(name) > 1})
+    if dupes:
+        raise CarpruneError(f"layer {dupes[0]!r} is listed twice; name each layer once")
+    for name in layers:
+        surgery.check_layer(name)
+
+
+def car_prune(model: nn.Module, data, layers: Sequence[str], keep: float = 0.5, step: int = 1,
+              engine: str = "fast", memory_budget: int = DEFAULT_MEMORY_BUDGET,
+              num_classes: int | None = None, progress: bool = True, inplace: bool = False,
+              on_step: Callable[[str, Step, Surgery], None] | None = None) -> PruneResult:
+    """Greedy CAR over `layers` in the order given; returns the pruned model and every step.
+
+    data: the scoring set (a TensorDataset, DataLoader or iterable of (images, labels)).
+    keep: per layer, a fraction in (0, 1) or a count of filters to keep.
+    step: filters removed per re-scoring (1 is the paper's greedy; more is an approximation).
+    """
+    if step < 1:
+        raise CarpruneError(f"step must be at least 1, got {step}")
+    start = time.perf_counter()
+    model = model if inplace else copy.deepcopy(model)
+    model.eval()
+    scoring = ScoringSet.from_any(data, num_classes)
+    prior = getattr(model, "carprune_spec", {}).get("pruning_history", [])
+    surgery = Surgery(model, scoring.example(), prior_history=prior)
+    check_layers(surgery, layers)
+    targets = {name: resolve_keep(keep, surgery.size(name), name) for name in layers}
+    scorer = make_engine(engine, memory_budget)
+    records: dict[str, LayerRecord] = {}
+    val_before = None
+    pending: Step | None = None  # the last step, until the next scoring pass measures it
+    for name in layers:
+        n, target = surgery.size(name), targets[name]
+        record = records[name] = LayerRecord(n, target)
+        bar = tqdm(total=sum(_lefts(n, target, step)), desc=f"CAR {name}", unit="cand",
+                   disable=not progress)
+        while surgery.size(name) > target:
+            units = [Unit(name, c) for c in range(surgery.size(name))]
+            base, scores = scorer.score(surgery, units, scoring, bar.update)
+            base_acc = float(base.accuracy()[0])
+            val_before = base_acc if val_before is None else val_before
+            if pending is not None:
+                pending.val_accuracy = base_acc
+            original = list(surgery.alive[name])
+            chosen = rank(scores, original)[:min(step, surgery.size(name) - target)]
+            car = (base_acc - scores.accuracy()).tolist()
+            pending = Step(surgery.remove(name, chosen), float("nan"), original, car)
+            record.removed += pending.removed
+            record.steps.append(pending)
+            bar.set_postfix(left=surgery.size(name), best_car=f"{car[chosen[0]]:+.4f}")
+            if on_step is not None:
+                on_step(name, pending, surgery)
+        bar.close()
+    val_after = float(scorer.score(surgery, [], scoring)[0].accuracy()[0])
+    if pending is not None:
+        pending.val_accuracy = val_after
+    spec = dict(getattr(model, "carprune_spec", {}))
+    spec["pruning_history"] = surgery.history()
+    model.carprune_spec = spec
+    return PruneResult(model, records, val_before if val_before is not None else val_after,
+                       val_after, time.perf_counter() - start, scorer.name)
+
+
+def _lefts(n: int, target: int, step: int):
+    while n > target:
+        yield n
+        n -= min(step, n - target)
+
+
+def count_macs_params(model: nn.Module, input_shape: Sequence[int]) -> tuple[int, int]:
+    import torch_pruning as tp
+
+    macs, params = tp.utils.count_ops_and_params(model, torch.zeros(1, *input_shape))
+    return int(macs), int(params)

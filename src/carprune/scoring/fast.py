@@ -1,0 +1,233 @@
+"""The fast exact engine (DESIGN.md, "The fast engine").
+
+For a layer L whose channels reach the rest of the network only through one linear consumer
+(a conv or an FC layer), the network without channel i of L is
+
+    tail( consumer(X) - consumer_i(X_i) , side inputs )
+
+where X is the consumer's input, consumer_i the consumer restricted to the input channel(s) of
+unit i, and tail everything after the consumer. So:
+
+- everything upstream of the consumer is computed once per layer (`head`) and kept; after a
+  removal in L the cache is sliced instead of recomputed;
+- each candidate costs one channel's share of the consumer plus the tail;
+- candidates are evaluated together, along a candidate dimension, in chunks that fit the memory
+  budget.
+
+`torch.fx` splits the model into head and tail. Units whose channel is consumed in several
+places (residual sums, concatenations feeding several layers), models fx cannot trace, and
+grouped consumers fall back to the naive engine, which is exact by construction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..groups import Surgery, Unit
+from ._common import Scores, ScoringSet
+from .naive import NaiveEngine
+
+DEFAULT_MEMORY_BUDGET = 2 * 2**30
+
+
+@dataclass
+class _Plan:
+    """How to score one layer fast: head (inputs -> X, side inputs) and tail (Z, side -> logits)."""
+
+    head: fx.GraphModule
+    tail: fx.GraphModule
+    consumer: nn.Module
+    in_index: Callable[[int], list[int]]  # unit channel -> consumer input indices
+
+
+@dataclass
+class _Cache:
+    alive: list[int]              # original indices of L's channels when X was computed
+    feeds: list[list[int]]        # per channel of L: the consumer input indices it feeds
+    removals: int                 # len(surgery.removals) when X was computed
+    inputs: list[torch.Tensor]    # X per scoring batch
+    sides: list[tuple]            # side inputs per scoring batch
+
+
+def _descendants(node: fx.Node) -> set[fx.Node]:
+    seen, stack = {node}, [node]
+    while stack:
+        for user in stack.pop().users:
+            if user not in seen:
+                seen.add(user)
+                stack.append(user)
+    return seen
+
+
+def _module_node(graph: fx.Graph, name: str) -> fx.Node | None:
+    found = [n for n in graph.nodes if n.op == "call_module" and n.target == name]
+    return found[0] if len(found) == 1 else None
+
+
+def plan_layer(surgery: Surgery, layer: str) -> _Plan | None:
+    """The head/tail split for `layer`, or None where the fast path does not apply."""
+    if surgery.coupled(layer):
+        return None
+    consumers = surgery.consumers(layer, 0)
+    if len(consumers) != 1:
+        return None
+    cname = consumers[0][0]
+    consumer = surgery.modules[cname]
+    if isinstance(consumer, nn.Conv2d) and (consumer.groups != 1
+                                            or consumer.padding_mode != "zeros"):
+        return None
+    try:
+        traced = fx.symbolic_trace(surgery.model)
+    except Exception:  # noqa: BLE001 - any tracing failure means: use the general path
+        return None
+    graph = traced.graph
+    lnode, cnode = _module_node(graph, layer), _module_node(graph, cname)
+    if lnode is None or cnode is None or len(cnode.all_input_nodes) != 1:
+        return None
+    below_l, below_c = _descendants(lnode), _descendants(cnode)
+    chain = below_l - below_c
+    if cnode.all_input_nodes[0] not in chain:
+        return None
+    if any(u not in chain and u is not cnode for n in chain for u in n.users):
+        return None
+    tail_nodes = [n for n in graph.nodes if n in below_c and n is not cnode]
+    sides = []
+    for n in tail_nodes:
+        for a in n.all_input_nodes:
+            if a not in below_c and a not in sides:
+                sides.append(a)
+
+    head_graph, env = fx.Graph(), {}
+    for n in graph.nodes:
+        if n.op != "output" and n not in below_c:
+            env[n] = head_graph.node_copy(n, env.__getitem__)
+    head_graph.output((env[cnode.all_input_nodes[0]], *[env[s] for s in sides]))
+    head = fx.GraphModule(traced, head_graph)
+    head.graph.eliminate_dead_code()
+    head.recompile()
+
+    tail_graph = fx.Graph()
+    env = {cnode: tail_graph.placeholder("consumer_out")}
+    for i, s in enumerate(sides):
+        env[s] = tail_graph.placeholder(f"side_{i}")
+    for n in tail_nodes:
+        env[n] = tail_graph.node_copy(n, env.__getitem__)
+
+    def in_index(channel: int) -> list[int]:
+        return surgery.consumers(layer, channel)[0][1]
+
+    return _Plan(head, fx.GraphModule(traced, tail_graph),
+                 consumer, in_index)
+
+
+def _contributions(consumer: nn.Module, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """consumer_i(X_i) for each candidate row of idx (K, m): shape (K, B, *consumer_out)."""
+    k, m = idx.shape
+    if isinstance(consumer, nn.Conv2d):
+        xk = x[:, idx.reshape(-1)]                                    # (B, K*m, H, W)
+        w = consumer.weight[:, idx.reshape(-1)]                       # (C', K*m, kh, kw)
+        c_out = w.shape[0]
+        w = w.view(c_out, k, m, *w.shape[2:]).transpose(0, 1).reshape(k * c_out, m,
+                                                                      *w.shape[2:])
+        out = F.conv2d(xk, w, None, consumer.stride, consumer.padding, consumer.dilation,
+                       groups=k)                                      # (B, K*C', H', W')
+        return out.view(x.shape[0], k, c_out, *out.shape[2:]).transpose(0, 1)
+    flat = x.reshape(x.shape[0], -1)
+    xk = flat[:, idx]                                                 # (B, K, m)
+    w = consumer.weight[:, idx]                                       # (C', K, m)
+    return torch.einsum("bkm,ckm->kbc", xk, w)
+
+
+class FastEngine:
+    """Exact CAR scores, same interface and same answers as NaiveEngine, much less work."""
+
+    name = "fast"
+
+    def __init__(self, memory_budget: int = DEFAULT_MEMORY_BUDGET):
+        self.memory_budget = memory_budget
+        self.naive = NaiveEngine()
+        self._caches: dict[str, _Cache] = {}
+
+    def score(self, surgery: Surgery, units: Sequence[Unit], scoring: ScoringSet,
+              advance: Callable[[int], None] = lambda n: None) -> tuple[Scores, Scores]:
+        rows: dict[str, list[int]] = {}
+        for pos, unit in enumerate(units):
+            rows.setdefault(unit.layer, []).append(pos)
+        result = Scores.zeros(len(units), scoring.num_classes)
+        result.total = scoring.total
+        base = None
+        for layer, positions in rows.items():
+            plan = plan_layer(surgery, layer)
+            layer_units = [units[p] for p in positions]
+            if plan is None:
+                layer_base, scores = self.naive.score(surgery, layer_units, scoring, advance)
+            else:
+                layer_base, scores = self._score_layer(surgery, plan, layer, layer_units,
+                                                       scoring, advance)
+            base = base or layer_base
+            index = torch.tensor(positions)
+            result.correct[index] = scores.correct
+            result.class_correct[index] = scores.class_correct
+            result.loss[index] = scores.loss
+        if base is None:
+            base = self.naive.score(surgery, [], scoring)[0]
+        return base, result
+
+    @torch.inference_mode()
+    def _inputs(self, surgery: Surgery, plan: _Plan, layer: str,
+                scoring: ScoringSet) -> _Cache:
+        """X and side inputs per batch, sliced from the cache when only L lost channels since
+        it was filled (upstream of the consumer nothing else changed), else recomputed."""
+        alive = list(surgery.alive[layer])
+        feeds = [plan.in_index(c) for c in range(len(alive))]
+        cache = self._caches.get(layer)
+        if cache is not None and all(name == layer
+                                     for name, _ in surgery.removals[cache.removals:]):
+            keep = sorted(i for o in alive for i in cache.feeds[cache.alive.index(o)])
+            inputs = [x[:, keep] for x in cache.inputs]
+            sides = cache.sides
+        else:
+            inputs, sides = [], []
+            for x, _ in scoring.batches:
+                out = plan.head(x)
+                inputs.append(out[0])
+                sides.append(tuple(out[1:]))
+        cache = _Cache(alive, feeds, len(surgery.removals), inputs, sides)
+        self._caches[layer] = cache
+        return cache
+
+    @torch.inference_mode()
+    def _score_layer(self, surgery: Surgery, plan: _Plan, layer: str, units: Sequence[Unit],
+                     scoring: ScoringSet, advance) -> tuple[Scores, Scores]:
+        cache = self._inputs(surgery, plan, layer, scoring)
+        idx = torch.tensor([cache.feeds[u.channel] for u in units])
+        base = Scores.zeros(1, scoring.num_classes)
+        scores = Scores.zeros(len(units), scoring.num_classes)
+        base.total = scores.total = scoring.total
+        full = [plan.consumer(x) for x in cache.inputs]
+        for z, side, (_, y) in zip(full, cache.sides, scoring.batches, strict=True):
+            logits = plan.tail(z.clone(), *[t.clone() for t in side])  # the tail may work in place
+            base.add_logits(slice(0, 1), logits.unsqueeze(0), y)
+        per_candidate = 6 * 4 * max(z[0].numel() for z in full) * max(len(y) for _, y in
+                                                                      scoring.batches)
+        chunk = max(1, min(len(units), self.memory_budget // max(per_candidate, 1)))
+        for start in range(0, len(units), chunk):
+            rows = slice(start, min(start + chunk, len(units)))
+            k = rows.stop - rows.start
+            for x, z, side, (_, y) in zip(cache.inputs, full, cache.sides, scoring.batches,
+                                          strict=True):
+                zc = (z.unsqueeze(0) - _contributions(plan.consumer, x, idx[rows]))
+                zc = zc.reshape(k * z.shape[0], *z.shape[1:])
+                if zc.ndim == 4:
+                    zc = zc.contiguous(memory_format=torch.channels_last)
+                reps = [s.repeat(k, *[1] * (s.ndim - 1)) for s in side]
+                logits = plan.tail(zc, *reps)
+                scores.add_logits(rows, logits.view(k, len(y), -1), y)
+            advance(k)
+        return base, scores

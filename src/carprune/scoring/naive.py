@@ -1,0 +1,37 @@
+"""The naive engine: ablate one candidate, run the whole network over the scoring set, count.
+
+Slow and obviously right; it stays forever as the reference the fast engine is tested against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..groups import Surgery, Unit
+from ._common import Scores, ScoringSet
+
+
+@torch.inference_mode()
+def full_pass(model: torch.nn.Module, scoring: ScoringSet) -> Scores:
+    scores = Scores.zeros(1, scoring.num_classes)
+    for x, y in scoring.batches:
+        scores.add_logits(slice(0, 1), model(x).unsqueeze(0), y)
+    scores.total = scoring.total
+    return scores
+
+
+class NaiveEngine:
+    name = "naive"
+
+    def score(self, surgery: Surgery, units: Sequence[Unit], scoring: ScoringSet,
+              advance: Callable[[int], None] = lambda n: None) -> tuple[Scores, Scores]:
+        """(base, candidates): tallies of the current network and of it without each unit."""
+        base = full_pass(surgery.model, scoring)
+        parts = []
+        for unit in units:
+            with surgery.ablated([unit]):
+                parts.append(full_pass(surgery.model, scoring))
+            advance(1)
+        return base, Scores.cat(parts) if parts else Scores.zeros(0, scoring.num_classes)

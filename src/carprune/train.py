@@ -1,0 +1,115 @@
+"""Training and fine-tuning: SGD with momentum, one-cycle schedule, light augmentation."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+
+from .errors import CarpruneError
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:
+    """Random translation by up to `pad` pixels and random horizontal flip, on a whole batch."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    rows = (dy.view(n, 1) + torch.arange(h).view(1, h)).view(n, 1, h, 1)
+    cols = (dx.view(n, 1) + torch.arange(w).view(1, w)).view(n, 1, 1, w)
+    out = padded[torch.arange(n).view(n, 1, 1, 1), torch.arange(x.shape[1]).view(1, -1, 1, 1),
+                 rows, cols]
+    flip = torch.rand(n, generator=generator) < 0.5
+    out[flip] = out[flip].flip(-1)
+    return out
+
+
+@dataclass
+class Evaluation:
+    accuracy: float
+    loss: float
+    per_class: list[float]
+    correct: int
+    total: int
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, dataset: TensorDataset, num_classes: int | None = None,
+             batch_size: int = 256) -> Evaluation:
+    """Accuracy, mean cross-entropy and per-class accuracy of `model` on a labelled data set."""
+    x_all, y_all = dataset.tensors
+    if len(y_all) == 0:
+        raise CarpruneError("the evaluation set is empty; give a data set with images")
+    model.eval()
+    correct, loss = 0, 0.0
+    preds = []
+    for i in range(0, len(y_all), batch_size):
+        logits = model(x_all[i:i + batch_size].contiguous(memory_format=torch.channels_last))
+        y = y_all[i:i + batch_size]
+        loss += float(F.cross_entropy(logits.float(), y, reduction="sum"))
+        preds.append(logits.argmax(1))
+    pred = torch.cat(preds)
+    correct = int((pred == y_all).sum())
+    k = num_classes or int(y_all.max()) + 1
+    hits = torch.bincount(y_all[pred == y_all], minlength=k).double()
+    counts = torch.bincount(y_all, minlength=k).double().clamp(min=1)
+    return Evaluation(correct / len(y_all), loss / len(y_all), (hits / counts).tolist(),
+                      correct, len(y_all))
+
+
+def fit(model: nn.Module, train: TensorDataset, epochs: int, lr: float = 0.05,
+        batch_size: int = 128, weight_decay: float = 5e-4, seed: int = 0,
+        val: TensorDataset | None = None, progress: bool = True, desc: str = "train") -> list[dict]:
+    """Train in place with SGD + Nesterov momentum under a one-cycle schedule; returns a log."""
+    if epochs <= 0:
+        return []
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(train, batch_size=batch_size, shuffle=True, generator=generator,
+                        drop_last=True)
+    model.to(memory_format=torch.channels_last)
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": weight_decay},
+                           {"params": no_decay, "weight_decay": 0.0}],
+                          lr=lr, momentum=0.9, nesterov=True)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, epochs=epochs,
+                                                steps_per_epoch=len(loader), pct_start=0.25)
+    log = []
+    for epoch in range(1, epochs + 1):
+        model.train()
+        start, seen, total_loss, correct = time.perf_counter(), 0, 0.0, 0
+        bar = tqdm(loader, desc=f"{desc} epoch {epoch}/{epochs}", disable=not progress,
+                   leave=False, unit="batch")
+        for x, y in bar:
+            x = augment(x, generator).contiguous(memory_format=torch.channels_last)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            seen += len(y)
+            total_loss += float(loss) * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
+        if not torch.isfinite(torch.tensor(total_loss)):
+            raise CarpruneError(f"training diverged at epoch {epoch} (loss is not finite); "
+                                "lower the learning rate")
+        entry = {"epoch": epoch, "train_loss": total_loss / seen, "train_accuracy": correct / seen,
+                 "seconds": time.perf_counter() - start}
+        if val is not None:
+            entry["val_accuracy"] = evaluate(model, val).accuracy
+        log.append(entry)
+        if progress:
+            tqdm.write(f"{desc} epoch {epoch}/{epochs}: loss {entry['train_loss']:.4f}, "
+                       f"train acc {entry['train_accuracy']:.4f}"
+                       + (f", val acc {entry['val_accuracy']:.4f}" if val is not None else "")
+                       + f" ({entry['seconds']:.0f} s)")
+    model.eval()
+    return log

@@ -1,0 +1,77 @@
+"""The fast engine must give the naive engine's tallies and therefore its picks."""
+
+import copy
+
+import pytest
+import torch
+
+from carprune.groups import Surgery, Unit
+from carprune.prune import car_prune
+from carprune.scoring import FastEngine, NaiveEngine, ScoringSet
+from carprune.scoring.fast import plan_layer
+
+from .conftest import subset
+
+
+def assert_same_tallies(model, layers, scoring, **fast_kwargs):
+    surgery = Surgery(copy.deepcopy(model).eval(), scoring.example())
+    for layer in layers:
+        units = [Unit(layer, c) for c in range(surgery.size(layer))]
+        nb, naive = NaiveEngine().score(surgery, units, scoring)
+        fb, fast = FastEngine(**fast_kwargs).score(surgery, units, scoring)
+        assert torch.equal(nb.correct, fb.correct)
+        assert torch.equal(naive.correct, fast.correct), layer
+        assert torch.equal(naive.class_correct, fast.class_correct), layer
+        assert torch.allclose(naive.loss, fast.loss, rtol=1e-4), layer
+    return surgery
+
+
+@pytest.fixture(scope="module")
+def scoring(fmnist):
+    return ScoringSet.from_any(subset(fmnist.val, 400), 10)
+
+
+def test_convnet_every_layer(baseline, scoring):
+    surgery = assert_same_tallies(baseline, ["conv1", "conv2", "conv3"], scoring)
+    assert all(plan_layer(surgery, name) is not None for name in ("conv1", "conv2", "conv3"))
+
+
+def test_resnet_plain_and_residual_units(small_resnet, scoring):
+    surgery = assert_same_tallies(small_resnet, ["layer1.0.conv1", "layer3.2.conv1",
+                                                 "layer2.0.conv2", "conv1"], scoring)
+    assert plan_layer(surgery, "layer3.2.conv1") is not None
+    assert plan_layer(surgery, "layer2.0.conv2") is None  # residual: the general path
+
+
+def test_concatenation_network(concat_net, scoring):
+    surgery = assert_same_tallies(concat_net, ["left", "right", "mix", "stem"], scoring)
+    assert plan_layer(surgery, "right") is not None  # feeds mix at offset 6 of the concat
+    assert plan_layer(surgery, "stem") is None       # read by both branches
+
+
+def test_memory_budget_chunking_gives_the_same_answer(baseline, scoring):
+    surgery = Surgery(copy.deepcopy(baseline), scoring.example())
+    units = [Unit("conv2", c) for c in range(64)]
+    _, big = FastEngine().score(surgery, units, scoring)
+    _, tiny = FastEngine(memory_budget=1).score(surgery, units, scoring)  # one candidate a pass
+    assert torch.equal(big.correct, tiny.correct)
+    assert torch.allclose(big.loss, tiny.loss, rtol=1e-9)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layers, keep", [(["conv3", "conv1"], 0.75), (["conv2"], 56)])
+def test_identical_pick_sequences_convnet(baseline, scoring, layers, keep):
+    naive = car_prune(baseline, scoring, layers, keep=keep, engine="naive", progress=False)
+    fast = car_prune(baseline, scoring, layers, keep=keep, engine="fast", progress=False)
+    for name in layers:
+        assert naive.layers[name].removed == fast.layers[name].removed
+        assert naive.layers[name].steps[-1].val_accuracy == fast.layers[name].steps[-1].val_accuracy
+
+
+@pytest.mark.slow
+def test_identical_pick_sequences_resnet(small_resnet, scoring):
+    layers = ["layer3.1.conv1", "layer1.2.conv1", "layer1.0.conv2"]
+    naive = car_prune(small_resnet, scoring, layers, keep=0.75, engine="naive", progress=False)
+    fast = car_prune(small_resnet, scoring, layers, keep=0.75, engine="fast", progress=False)
+    for name in layers:
+        assert naive.layers[name].removed == fast.layers[name].removed

@@ -1,0 +1,72 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import carprune as cp
+
+
+def spec(name="convnet", **kwargs):
+    return {"arch": {"name": name, "kwargs": kwargs}, "input_shape": [1, 28, 28]}
+
+
+def test_save_load_roundtrip_bit_identical(tmp_path):
+    torch.manual_seed(0)
+    model = cp.create_model("resnet20", width=4)
+    model.carprune_spec = spec("resnet20", width=4)
+    with torch.no_grad():  # non-trivial BN statistics
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    model.eval()
+    cp.save(model, tmp_path / "ck")
+    loaded = cp.load(tmp_path / "ck")
+    x = torch.randn(8, 1, 28, 28)
+    assert torch.equal(model(x), loaded(x))
+    assert json.loads((tmp_path / "ck" / "model.json").read_text())["arch"]["name"] == "resnet20"
+
+
+def test_unknown_model_name():
+    with pytest.raises(cp.CarpruneError, match="unknown model 'vgg99'.*convnet"):
+        cp.create_model("vgg99")
+
+
+def test_checkpoint_that_does_not_fit(tmp_path):
+    model = cp.create_model("convnet")
+    model.carprune_spec = spec()
+    cp.save(model, tmp_path / "ck")
+    meta = json.loads((tmp_path / "ck" / "model.json").read_text())
+    meta["arch"]["kwargs"] = {"widths": [16, 64, 64]}
+    (tmp_path / "ck" / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(cp.CarpruneError, match="conv1.weight has shape .* pair the weights"):
+        cp.load(tmp_path / "ck")
+
+
+def test_nan_weights_and_broken_files(tmp_path):
+    model = cp.create_model("convnet")
+    model.carprune_spec = spec()
+    cp.save(model, tmp_path / "ck")
+    weights = tmp_path / "ck" / "model.safetensors"
+    state = load_file(weights)
+    state["fc2.bias"][0] = float("nan")
+    save_file(state, weights)
+    with pytest.raises(cp.CarpruneError, match="NaN"):
+        cp.load(tmp_path / "ck")
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(cp.CarpruneError, match="not a readable safetensors"):
+        cp.load(tmp_path / "ck")
+    (tmp_path / "ck" / "model.json").write_text("{broken")
+    with pytest.raises(cp.CarpruneError, match="not valid JSON"):
+        cp.load(tmp_path / "ck")
+    with pytest.raises(cp.CarpruneError, match="not a directory"):
+        cp.load(tmp_path / "missing")
+
+
+def test_shipped_baseline_meets_the_bar(baseline, fmnist):
+    meta = json.loads((cp.io.ZOO_DIR / "convnet-fmnist" / "model.json").read_text())
+    assert meta["training"]["command"].startswith("carprune train")
+    acc = cp.evaluate(baseline, fmnist.test).accuracy
+    assert acc == pytest.approx(meta["training"]["test_accuracy"], abs=1e-9)
+    assert acc >= 0.92

@@ -1,0 +1,26 @@
+import torch
+
+import carprune as cp
+from carprune.train import augment
+
+from .conftest import subset
+
+
+def test_short_training_lowers_the_loss(fmnist):
+    torch.manual_seed(0)
+    model = cp.create_model("convnet", widths=(8, 16, 16), hidden=32)
+    data = subset(fmnist.train, 1024)
+    before = cp.evaluate(model, data).loss
+    log = cp.fit(model, data, epochs=2, lr=0.05, progress=False)
+    after = cp.evaluate(model, data).loss
+    assert after < 0.8 * before
+    assert log[1]["train_loss"] < log[0]["train_loss"]
+
+
+def test_augment_translates_and_flips_only():
+    x = torch.arange(2 * 5 * 5, dtype=torch.float32).view(2, 1, 5, 5)
+    out = augment(x, torch.Generator().manual_seed(0), pad=0)
+    for i in range(2):  # with no padding, only flips are possible
+        assert torch.equal(out[i], x[i]) or torch.equal(out[i], x[i].flip(-1))
+    out = augment(x, torch.Generator().manual_seed(0), pad=2)
+    assert out.shape == x.shape

@@ -9,11 +9,11 @@ from .conftest import subset
 def test_short_training_lowers_the_loss(fmnist):
     torch.manual_seed(0)
     model = cp.create_model("convnet", widths=(8, 16, 16), hidden=32)
-    data = subset(fmnist.train, 1024)
+    data = subset(fmnist.train, 2048)
     before = cp.evaluate(model, data).loss
-    log = cp.fit(model, data, epochs=2, lr=0.05, progress=False)
+    log = cp.fit(model, data, epochs=3, lr=0.05, progress=False)
     after = cp.evaluate(model, data).loss
-    assert after < 0.8 * before
+    assert after < 0.75 * before
     assert log[1]["train_loss"] < log[0]["train_loss"]
 
 

@@ -84,7 +84,7 @@ def _greedy(engine, surgery: Surgery, layer: str, scoring: ScoringSet, steps: in
 def bench_layers(model: nn.Module, scoring: ScoringSet, layers: list[str], steps: int,
                  progress=print) -> tuple[list[LayerBench], float]:
     """Returns the per-layer figures and the measured throughput (MAC/s) of the network."""
-    model = copy.deepcopy(model).eval()
+    model = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)  # as engines run it
     example = scoring.example()
     macs = module_macs(model, example)
     full_pass(model, scoring)  # warm-up

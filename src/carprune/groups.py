@@ -60,7 +60,7 @@ class Surgery:
 
     def __init__(self, model: nn.Module, example_inputs: torch.Tensor,
                  prior_history: list | None = None):
-        self.model = model.eval()
+        self.model = model.eval().to(memory_format=torch.channels_last)  # ~2x faster on CPU
         self.example_inputs = example_inputs
         self.dg = tp.DependencyGraph().build_dependency(model, example_inputs, verbose=False)
         self.prior_history = list(prior_history or [])
@@ -69,6 +69,7 @@ class Surgery:
             name: list(range(m.out_channels)) for name, m in self.modules.items()
             if isinstance(m, nn.Conv2d)}
         self.removals: list[tuple[str, list[int]]] = []
+        self._groups: dict[str, dict[int, list]] = {}  # layer -> channel -> group items
 
     # -- naming -----------------------------------------------------------------------------
     def conv_layers(self) -> list[str]:
@@ -94,10 +95,22 @@ class Surgery:
         return self.dg.get_pruning_group(self.modules[layer], tp.prune_conv_out_channels,
                                          [int(c) for c in channels])
 
+    def unit_group(self, layer: str, channel: int) -> list:
+        """(dependency, indices) items of one unit's group. One Torch-Pruning group of the whole
+        layer is built (and cached until the next removal); a unit's items are the indices whose
+        root index is the unit's channel."""
+        if layer not in self._groups:
+            items = [(item.dep, list(item.idxs), list(item.root_idxs))
+                     for item in self.group(layer, range(self.size(layer)))]
+            self._groups[layer] = {c: [(dep, [i for i, r in zip(idxs, roots, strict=True)
+                                              if r == c]) for dep, idxs, roots in items]
+                                   for c in range(self.size(layer))}
+        return [(dep, idxs) for dep, idxs in self._groups[layer][channel] if idxs]
+
     def producers(self, layer: str, channel: int) -> list[tuple[torch.Tensor, list[int]]]:
         """(parameter, indices along dim 0) of everything that produces the unit's channel."""
         out = []
-        for dep, idxs in self.group(layer, [channel]):
+        for dep, idxs in self.unit_group(layer, channel):
             m = dep.target.module
             is_out = self.dg.is_out_channel_pruning_fn(dep.handler)
             if isinstance(m, (nn.Conv2d, nn.Linear)) and (is_out or _is_depthwise(m)) \
@@ -109,7 +122,7 @@ class Surgery:
         """(layer name, input indices) of every conv/linear that reads the unit's channel."""
         names = {m: n for n, m in self.modules.items()}
         out = []
-        for dep, idxs in self.group(layer, [channel]):
+        for dep, idxs in self.unit_group(layer, channel):
             m = dep.target.module
             if isinstance(m, (nn.Conv2d, nn.Linear)) and self.dg.is_in_channel_pruning_fn(
                     dep.handler) and not _is_depthwise(m):
@@ -118,7 +131,7 @@ class Surgery:
 
     def coupled(self, layer: str) -> bool:
         """True when other layers produce the same channels (residual sums, depthwise chains)."""
-        producing = [dep.target.module for dep, _ in self.group(layer, [0])
+        producing = [dep.target.module for dep, _ in self.unit_group(layer, 0)
                      if isinstance(dep.target.module, (nn.Conv2d, nn.Linear))
                      and (self.dg.is_out_channel_pruning_fn(dep.handler)
                           or _is_depthwise(dep.target.module))]
@@ -157,6 +170,7 @@ class Surgery:
                 touched[name] = sorted(set(idxs))
         original = [self.alive[layer][c] for c in channels]
         group.prune()
+        self._groups.clear()
         for name, idxs in touched.items():
             gone = set(idxs)
             self.alive[name] = [o for pos, o in enumerate(self.alive[name]) if pos not in gone]

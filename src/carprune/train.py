@@ -95,7 +95,7 @@ def fit(model: nn.Module, train: TensorDataset, epochs: int, lr: float = 0.05,
             opt.step()
             sched.step()
             seen += len(y)
-            total_loss += float(loss) * len(y)
+            total_loss += float(loss.detach()) * len(y)
             correct += int((logits.argmax(1) == y).sum())
             bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
         if not torch.isfinite(torch.tensor(total_loss)):

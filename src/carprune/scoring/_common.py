@@ -20,7 +20,7 @@ class ScoringSet:
 
     @classmethod
     def from_any(cls, data, num_classes: int | None = None,
-                 batch_size: int = 128) -> ScoringSet:
+                 batch_size: int = 64) -> ScoringSet:
         """Accepts a ScoringSet, a TensorDataset or Dataset, or any iterable of (x, y) batches."""
         if isinstance(data, ScoringSet):
             return data

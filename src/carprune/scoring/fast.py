@@ -28,12 +28,14 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..groups import Surgery, Unit
 from ._common import Scores, ScoringSet
 from .naive import NaiveEngine
 
 DEFAULT_MEMORY_BUDGET = 2 * 2**30
+TAIL_BATCH_BYTES = 32 * 2**20
 
 
 @dataclass
@@ -43,7 +45,22 @@ class _Plan:
     head: fx.GraphModule
     tail: fx.GraphModule
     consumer: nn.Module
+    norm: _BatchNorm | None               # a BatchNorm right after the consumer, folded in
     in_index: Callable[[int], list[int]]  # unit channel -> consumer input indices
+
+    def full(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.consumer(x)
+        return self.norm(z) if self.norm is not None else z
+
+    def weight(self) -> torch.Tensor:
+        """The consumer's weight with the folded BatchNorm's per-channel scale applied."""
+        w = self.consumer.weight
+        if self.norm is None:
+            return w
+        scale = torch.rsqrt(self.norm.running_var + self.norm.eps)
+        if self.norm.weight is not None:
+            scale = scale * self.norm.weight
+        return w * scale.view(-1, *[1] * (w.ndim - 1))
 
 
 @dataclass
@@ -96,11 +113,18 @@ def plan_layer(surgery: Surgery, layer: str) -> _Plan | None:
         return None
     if any(u not in chain and u is not cnode for n in chain for u in n.users):
         return None
-    tail_nodes = [n for n in graph.nodes if n in below_c and n is not cnode]
+    modules = dict(traced.named_modules())
+    norm_node = next(iter(cnode.users)) if len(cnode.users) == 1 else None
+    norm = modules.get(norm_node.target) if norm_node is not None and \
+        norm_node.op == "call_module" else None
+    if not isinstance(norm, _BatchNorm) or norm.training or norm.running_var is None:
+        norm, norm_node = None, None
+    out_node = norm_node or cnode
+    tail_nodes = [n for n in graph.nodes if n in below_c and n not in (cnode, norm_node)]
     sides = []
     for n in tail_nodes:
         for a in n.all_input_nodes:
-            if a not in below_c and a not in sides:
+            if a not in below_c and a not in sides and a is not out_node:
                 sides.append(a)
 
     head_graph, env = fx.Graph(), {}
@@ -113,7 +137,7 @@ def plan_layer(surgery: Surgery, layer: str) -> _Plan | None:
     head.recompile()
 
     tail_graph = fx.Graph()
-    env = {cnode: tail_graph.placeholder("consumer_out")}
+    env = {out_node: tail_graph.placeholder("consumer_out")}
     for i, s in enumerate(sides):
         env[s] = tail_graph.placeholder(f"side_{i}")
     for n in tail_nodes:
@@ -122,26 +146,38 @@ def plan_layer(surgery: Surgery, layer: str) -> _Plan | None:
     def in_index(channel: int) -> list[int]:
         return surgery.consumers(layer, channel)[0][1]
 
-    return _Plan(head, fx.GraphModule(traced, tail_graph),
-                 consumer, in_index)
+    return _Plan(head, fx.GraphModule(traced, tail_graph), consumer, norm, in_index)
 
 
-def _contributions(consumer: nn.Module, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """consumer_i(X_i) for each candidate row of idx (K, m): shape (K, B, *consumer_out)."""
-    k, m = idx.shape
+def _columns(consumer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The consumer's input arranged per input index: im2col patches (B, C, kh*kw, L) for a
+    conv, the flattened features (B, F) for a linear layer. Computed once per batch."""
     if isinstance(consumer, nn.Conv2d):
-        xk = x[:, idx.reshape(-1)]                                    # (B, K*m, H, W)
-        w = consumer.weight[:, idx.reshape(-1)]                       # (C', K*m, kh, kw)
-        c_out = w.shape[0]
-        w = w.view(c_out, k, m, *w.shape[2:]).transpose(0, 1).reshape(k * c_out, m,
-                                                                      *w.shape[2:])
-        out = F.conv2d(xk, w, None, consumer.stride, consumer.padding, consumer.dilation,
-                       groups=k)                                      # (B, K*C', H', W')
-        return out.view(x.shape[0], k, c_out, *out.shape[2:]).transpose(0, 1)
-    flat = x.reshape(x.shape[0], -1)
-    xk = flat[:, idx]                                                 # (B, K, m)
-    w = consumer.weight[:, idx]                                       # (C', K, m)
-    return torch.einsum("bkm,ckm->kbc", xk, w)
+        kh, kw = consumer.kernel_size
+        cols = F.unfold(x, (kh, kw), consumer.dilation, consumer.padding, consumer.stride)
+        return cols.view(x.shape[0], -1, kh * kw, cols.shape[-1])
+    return x.reshape(x.shape[0], -1)
+
+
+def _without(weight: torch.Tensor, cols: torch.Tensor, z: torch.Tensor,
+             idx: torch.Tensor) -> torch.Tensor:
+    """The consumer's output without each candidate's input indices (rows of idx, (K, m)):
+    z - consumer_i(x_i) for every candidate, as one (K*B, *z.shape[1:]) batch."""
+    k, m = idx.shape
+    b = z.shape[0]
+    if cols.ndim == 4:
+        # one batched matmul per chunk, z - cols_k @ W_k, laid out (K, B, H', W', C') so the
+        # result is already a channels_last batch for the tail
+        kk, length = cols.shape[2:]
+        c_out = weight.shape[0]
+        ck = cols[:, idx.reshape(-1)].view(b, k, m * kk, length).permute(1, 0, 3, 2)
+        ck = ck.reshape(k, b * length, m * kk)
+        w = weight[:, idx.reshape(-1)].reshape(c_out, k, m * kk).permute(1, 2, 0)
+        zl = z.permute(0, 2, 3, 1).reshape(1, b * length, c_out)
+        out = torch.baddbmm(zl, ck, w, alpha=-1)                             # (K, B*L, C')
+        return out.view(k * b, *z.shape[2:], c_out).permute(0, 3, 1, 2)
+    contrib = torch.einsum("bkm,ckm->kbc", cols[:, idx], weight[:, idx])
+    return (z.unsqueeze(0) - contrib).reshape(k * b, -1)
 
 
 class FastEngine:
@@ -210,24 +246,29 @@ class FastEngine:
         base = Scores.zeros(1, scoring.num_classes)
         scores = Scores.zeros(len(units), scoring.num_classes)
         base.total = scores.total = scoring.total
-        full = [plan.consumer(x) for x in cache.inputs]
+        full = [plan.full(x) for x in cache.inputs]
+        weight = plan.weight()
         for z, side, (_, y) in zip(full, cache.sides, scoring.batches, strict=True):
             logits = plan.tail(z.clone(), *[t.clone() for t in side])  # the tail may work in place
             base.add_logits(slice(0, 1), logits.unsqueeze(0), y)
-        per_candidate = 6 * 4 * max(z[0].numel() for z in full) * max(len(y) for _, y in
-                                                                      scoring.batches)
-        chunk = max(1, min(len(units), self.memory_budget // max(per_candidate, 1)))
-        for start in range(0, len(units), chunk):
-            rows = slice(start, min(start + chunk, len(units)))
-            k = rows.stop - rows.start
-            for x, z, side, (_, y) in zip(cache.inputs, full, cache.sides, scoring.batches,
-                                          strict=True):
-                zc = (z.unsqueeze(0) - _contributions(plan.consumer, x, idx[rows]))
-                zc = zc.reshape(k * z.shape[0], *z.shape[1:])
-                if zc.ndim == 4:
-                    zc = zc.contiguous(memory_format=torch.channels_last)
+        # candidates per pass: about TAIL_BATCH_BYTES of consumer output (small enough to stay
+        # in cache through the tail's memory-bound ops), never more than the memory budget
+        sample = 4 * full[0][0].numel()
+        batch = max(len(y) for _, y in scoring.batches)
+        chunk = max(1, min(len(units), TAIL_BATCH_BYTES // (sample * batch),
+                           self.memory_budget // (6 * sample * batch)))
+        done = 0.0
+        for x, z, side, (_, y) in zip(cache.inputs, full, cache.sides, scoring.batches,
+                                      strict=True):
+            cols = _columns(plan.consumer, x)
+            for start in range(0, len(units), chunk):
+                rows = slice(start, min(start + chunk, len(units)))
+                k = rows.stop - rows.start
+                zc = _without(weight, cols, z, idx[rows])
                 reps = [s.repeat(k, *[1] * (s.ndim - 1)) for s in side]
-                logits = plan.tail(zc, *reps)
-                scores.add_logits(rows, logits.view(k, len(y), -1), y)
-            advance(k)
+                scores.add_logits(rows, plan.tail(zc, *reps).view(k, len(y), -1), y)
+            step = len(units) * len(y) / scoring.total
+            advance(int(done + step) - int(done))
+            done += step
+        advance(len(units) - int(done))
         return base, scores

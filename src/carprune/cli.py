@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 
 from . import io
+from .criteria import CRITERIA
 from .data import load_data
 from .errors import CarpruneError
 from .groups import Surgery
 from .models import create_model, list_models
-from .prune import car_prune, check_layers, count_macs_params, resolve_keep
+from .prune import car_prune, check_layers, count_macs_params, criterion_prune, resolve_keep
 from .scoring import DEFAULT_MEMORY_BUDGET, ScoringSet
 from .train import evaluate, fit
 
@@ -127,9 +128,13 @@ def prune_run(checkpoint: str, data, layers: list[str], keep: float, out: str,
     macs_before, params_before = count_macs_params(model, shape)
     test_before = evaluate(model, data.test, data.num_classes).accuracy
     val_before = evaluate(model, data.val, data.num_classes).accuracy
-    result = car_prune(model, scoring, layers, keep=keep, step=step, engine=engine,
-                       memory_budget=int(memory_budget_gib * 2**30),
-                       num_classes=data.num_classes)
+    if criterion == "car":
+        result = car_prune(model, scoring, layers, keep=keep, step=step, engine=engine,
+                           memory_budget=int(memory_budget_gib * 2**30),
+                           num_classes=data.num_classes)
+    else:
+        result = criterion_prune(model, scoring, layers, criterion, keep=keep, seed=seed,
+                                 num_classes=data.num_classes)
     pruned = result.model
     test_pruned = evaluate(pruned, data.test, data.num_classes).accuracy
     val_pruned = evaluate(pruned, data.val, data.num_classes).accuracy
@@ -209,6 +214,59 @@ def cmd_bench(args) -> None:
                             "report this with bench.json")
 
 
+def compare_run(checkpoint: str, data, layers: list[str], criteria_names: list[str], out: str,
+                keep_grid: list[float], retrain_epochs: int = 0, seeds: int = 3,
+                score_samples: int | None = None) -> dict:
+    """Check, run the comparison, write compare.csv, compare.json and one PNG per layer."""
+    from . import compare
+
+    model = io.load(checkpoint)
+    check_fits(model, data)
+    check_layers(Surgery(model, data.val.tensors[0][:1]), layers)
+    unknown = [c for c in criteria_names if c not in CRITERIA]
+    if unknown:
+        raise CarpruneError(f"unknown criterion {unknown[0]!r}; choose from "
+                            f"{', '.join(CRITERIA)}")
+    if not keep_grid or any(not 0 < k <= 1 for k in keep_grid):
+        raise CarpruneError("--keep-grid takes fractions in (0, 1], e.g. 1.0,0.75,0.5,0.25")
+    points = compare.compare(model, data, layers, criteria_names, keep_grid,
+                             retrain_epochs=retrain_epochs, seeds=seeds,
+                             scoring=scoring_subset(data, score_samples))
+    sizes = {name: m.out_channels for name, m in model.named_modules() if name in layers}
+    summary = {"command": command_line(), "checkpoint": str(checkpoint),
+               "keep_0.5": compare.margins(points, 0.5, sizes),
+               "keep_0.5_retrained": compare.margins(points, 0.5, sizes, retrained=True)}
+    out_dir = Path(out)
+    io.atomic_write(out_dir / "compare.csv", compare.to_csv(points))
+    for layer in layers:
+        compare.plot(points, layer, out_dir / f"compare_{layer}.png")
+    io.write_json(out_dir / "compare.json", summary)
+    for key, title in (("keep_0.5", "no retraining"),
+                       ("keep_0.5_retrained", f"after {retrain_epochs} epoch(s) retraining")):
+        if not summary[key]:
+            continue
+        rows = []
+        for layer, m in summary[key].items():
+            row = [layer, m["kept"]]
+            row += [f"{100 * m['accuracy'][c]:.2f}" if c in m["accuracy"] else "-"
+                    for c in criteria_names]
+            row.append(f"{100 * m['margin']:+.2f} vs {m['best_other']}"
+                       if m["margin"] is not None else "-")
+            rows.append(row)
+        print(f"test accuracy (%) at keep 0.5, {title}:")
+        print(table(rows, ["layer", "kept", *criteria_names, "CAR margin"]))
+    print(f"written to {out_dir}/ (compare.csv, compare.json, "
+          f"{', '.join(f'compare_{x}.png' for x in layers)})")
+    return summary
+
+
+def cmd_compare(args) -> None:
+    refuse_existing_output(args.out)
+    compare_run(args.checkpoint, load_data(args.data, args.data_dir), args.layers,
+                args.criteria, args.out, args.keep_grid, args.retrain_epochs, args.seeds,
+                args.score_samples)
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -223,6 +281,16 @@ def _keep(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number; use a fraction like 0.5 "
                                          "or a count like 16") from None
+
+
+def _csv(kind):
+    def parse(text: str) -> list:
+        try:
+            return [kind(item) for item in text.split(",") if item.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of "
+                                             f"{kind.__name__} values") from None
+    return parse
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -262,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", nargs="+", required=True, help="conv layers, pruned in order")
     p.add_argument("--keep", type=_keep, default=0.5,
                    help="per layer: a fraction in (0, 1) or a count of filters (default 0.5)")
-    p.add_argument("--criterion", choices=["car"], default="car")
+    p.add_argument("--criterion", choices=[c for c in CRITERIA if c != "car-oneshot"],
+                   default="car", help="car (default) or another criterion to compare with")
     p.add_argument("--step", type=int, default=1,
                    help="filters removed per re-scoring; 1 is exact greedy CAR (default)")
     p.add_argument("--score-samples", type=int, default=None,
@@ -275,6 +344,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("compare", help="CAR against the other criteria, one layer at a time")
+    p.add_argument("checkpoint")
+    _data_args(p)
+    p.add_argument("--layers", nargs="+", required=True)
+    p.add_argument("--criteria", type=_csv(str), default=CRITERIA,
+                   help=f"comma-separated (default: all: {','.join(CRITERIA)})")
+    p.add_argument("--keep-grid", type=_csv(float),
+                   default=[1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1])
+    p.add_argument("--retrain-epochs", type=int, default=0,
+                   help="retrain each criterion's keep-0.5 network this many epochs")
+    p.add_argument("--seeds", type=int, default=3,
+                   help="seeds for random and for retraining (spread reported)")
+    p.add_argument("--score-samples", type=int, default=None)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("bench", help="fast against naive CAR: speed-up, lower bound, same picks")
     p.add_argument("checkpoint", nargs="?", default="convnet-fmnist")

@@ -132,6 +132,32 @@ def car_prune(model: nn.Module, data, layers: Sequence[str], keep: float = 0.5, 
                        val_after, time.perf_counter() - start, scorer.name)
 
 
+def criterion_prune(model: nn.Module, data, layers: Sequence[str], criterion: str,
+                    keep: float = 0.5, seed: int = 0, num_classes: int | None = None,
+                    inplace: bool = False) -> PruneResult:
+    """Prune by any other criterion (`criteria.py`): rank once per layer, remove the lowest."""
+    from .criteria import ranking
+
+    start = time.perf_counter()
+    model = model if inplace else copy.deepcopy(model)
+    scoring = ScoringSet.from_any(data, num_classes)
+    prior = getattr(model, "carprune_spec", {}).get("pruning_history", [])
+    surgery = Surgery(model.eval(), scoring.example(), prior_history=prior)
+    check_layers(surgery, layers)
+    targets = {name: resolve_keep(keep, surgery.size(name), name) for name in layers}
+    records = {}
+    for name in layers:
+        n = surgery.size(name)
+        doomed = ranking(criterion, surgery, name, scoring, seed)[:n - targets[name]]
+        records[name] = LayerRecord(n, targets[name], [surgery.alive[name][p] for p in doomed])
+        surgery.remove(name, doomed)
+    spec = dict(getattr(model, "carprune_spec", {}))
+    spec["pruning_history"] = surgery.history()
+    model.carprune_spec = spec
+    return PruneResult(model, records, float("nan"), float("nan"),
+                       time.perf_counter() - start, criterion)
+
+
 def _lefts(n: int, target: int, step: int):
     while n > target:
         yield n

@@ -1,0 +1,123 @@
+"""Filter-importance criteria behind one interface, so every criterion ranks the same units of
+the same layer and pruning by any of them goes through the same removal path (`groups.py`).
+
+Where Torch-Pruning has the criterion we use its class: magnitude (`l1`, `l2`:
+`GroupMagnitudeImportance`), first-order Taylor (`taylor`: `GroupTaylorImportance`, Molchanov
+et al.), geometric median (`fpgm`: `FPGMImportance`) and `random` (`RandomImportance`). The
+activation statistics `mean-activation` and `apoz` (average percentage of zeros, Hu et al.) are
+measured here on the channel as its consumer reads it. CAR itself lives in `prune.py`
+(greedy) and here as `car-oneshot` (CAR indices computed once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+
+from .errors import CarpruneError
+from .groups import Surgery, Unit
+from .scoring import ScoringSet, make_engine
+
+CRITERIA = ["car", "car-oneshot", "l1", "l2", "taylor", "fpgm", "mean-activation", "apoz",
+            "random"]
+
+
+def _tp_scores(importance: tp.importance.Importance) -> Callable:
+    def scores(surgery: Surgery, layer: str, scoring: ScoringSet, seed: int) -> torch.Tensor:
+        return importance(surgery.group(layer, range(surgery.size(layer))))
+    return scores
+
+
+def _taylor(surgery: Surgery, layer: str, scoring: ScoringSet, seed: int) -> torch.Tensor:
+    model = surgery.model
+    model.zero_grad(set_to_none=True)
+    for x, y in scoring.batches:
+        F.cross_entropy(model(x), y, reduction="sum").div(scoring.total).backward()
+    scores = tp.importance.GroupTaylorImportance(group_reduction="first", normalizer=None)(
+        surgery.group(layer, range(surgery.size(layer))))
+    model.zero_grad(set_to_none=True)
+    return scores
+
+
+def _random(surgery: Surgery, layer: str, scoring: ScoringSet, seed: int) -> torch.Tensor:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return tp.importance.RandomImportance()(surgery.group(layer, range(surgery.size(layer))))
+
+
+def _activation_stats(surgery: Surgery, layer: str, scoring: ScoringSet):
+    """Per channel: mean activation and share of zeros, as the channel's first consumer reads it
+    (after the layer's BatchNorm, ReLU and pooling)."""
+    consumer, _ = surgery.consumers(layer, 0)[0]
+    feeds = [surgery.consumers(layer, c)[0][1] for c in range(surgery.size(layer))]
+    sums = zeros = count = None
+
+    def hook(module, inputs):
+        nonlocal sums, zeros, count
+        x = inputs[0].detach()
+        per_index = x.transpose(0, 1).reshape(x.shape[1], -1)
+        s, z = per_index.double().sum(1), (per_index == 0).double().sum(1)
+        sums, zeros = (s, z) if sums is None else (sums + s, zeros + z)
+        count = per_index.shape[1] + (count or 0)
+
+    handle = surgery.modules[consumer].register_forward_pre_hook(hook)
+    try:
+        with torch.inference_mode():
+            for x, _ in scoring.batches:
+                surgery.model(x)
+    finally:
+        handle.remove()
+    mean = torch.stack([sums[f].sum() / (count * len(f)) for f in feeds])
+    apoz = torch.stack([zeros[f].sum() / (count * len(f)) for f in feeds])
+    return mean, apoz
+
+
+def _mean_activation(surgery, layer, scoring, seed) -> torch.Tensor:
+    return _activation_stats(surgery, layer, scoring)[0]
+
+
+def _apoz(surgery, layer, scoring, seed) -> torch.Tensor:
+    return 1.0 - _activation_stats(surgery, layer, scoring)[1]
+
+
+def _car_oneshot(surgery, layer, scoring, seed) -> torch.Tensor:
+    """Accuracy lost without each filter, from one scoring pass (a filter whose removal costs
+    less is less important); lower loss breaks ties as in greedy CAR."""
+    units = [Unit(layer, c) for c in range(surgery.size(layer))]
+    base, scores = make_engine("fast").score(surgery, units, scoring)
+    return (base.correct - scores.correct).double() + 1e-9 * (scores.loss / scoring.total)
+
+
+_SCORES = {
+    "car-oneshot": _car_oneshot,
+    "l1": _tp_scores(tp.importance.GroupMagnitudeImportance(p=1, group_reduction="first",
+                                                            normalizer=None)),
+    "l2": _tp_scores(tp.importance.GroupMagnitudeImportance(p=2, group_reduction="first",
+                                                            normalizer=None)),
+    "taylor": _taylor,
+    "fpgm": _tp_scores(tp.importance.FPGMImportance(p=2, group_reduction="first",
+                                                    normalizer=None)),
+    "mean-activation": _mean_activation,
+    "apoz": _apoz,
+    "random": _random,
+}
+
+
+def importance(criterion: str, surgery: Surgery, layer: str, scoring: ScoringSet,
+               seed: int = 0) -> torch.Tensor:
+    """One score per current channel of `layer`; higher means more important."""
+    if criterion not in _SCORES:
+        raise CarpruneError(f"unknown criterion {criterion!r}; choose from "
+                            f"{', '.join(CRITERIA)}")
+    return _SCORES[criterion](surgery, layer, scoring, seed).detach().double().flatten()
+
+
+def ranking(criterion: str, surgery: Surgery, layer: str, scoring: ScoringSet,
+            seed: int = 0) -> list[int]:
+    """Current channel positions, least important first (ties: lower original index)."""
+    scores = importance(criterion, surgery, layer, scoring, seed).tolist()
+    alive = surgery.alive[layer]
+    return sorted(range(len(scores)), key=lambda i: (scores[i], alive[i]))

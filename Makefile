@@ -5,9 +5,13 @@ PYTHON ?= python3
 STAMP  := $(VENV)/.installed
 BIN    := $(VENV)/bin
 
-.PHONY: setup data demo test test-fast lint bench clean
+.PHONY: setup setup-test demo test test-fast lint bench clean
 
-setup: $(STAMP) data
+setup: $(STAMP)
+	./scripts/install-system.sh
+
+setup-test: $(STAMP)
+	./scripts/install-system.sh --test
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,18 +19,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
-data:
-	./scripts/install-data.sh
-
 demo: setup
 	$(BIN)/carprune demo
 
 # pytest exits 5 when it collected no test: that is a failure too.
-test: setup
+test: setup-test
 	$(BIN)/python -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$rc
 
-test-fast: setup
+test-fast: setup-test
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: setup

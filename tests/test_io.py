@@ -40,7 +40,7 @@ def test_checkpoint_that_does_not_fit(tmp_path):
     meta = json.loads((tmp_path / "ck" / "model.json").read_text())
     meta["arch"]["kwargs"] = {"widths": [16, 64, 64]}
     (tmp_path / "ck" / "model.json").write_text(json.dumps(meta))
-    with pytest.raises(cp.CarpruneError, match="has shape .* pair the weights"):
+    with pytest.raises(cp.CarpruneError, match="not the one these weights were saved with"):
         cp.load(tmp_path / "ck")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
-        except (OSError, EOFError) as exc:
+        except (OSError, EOFError, zlib.error) as exc:
             raise CarpruneError(f"{path} is a damaged gzip file ({exc}); replace it with an "
                                 "intact copy") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
@@ -76,6 +77,9 @@ def load_idx_pair(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     images_stem, labels_stem = IDX_FILES[split]
     images = read_idx(_find_idx(root, images_stem))
     labels = read_idx(_find_idx(root, labels_stem))
+    if images.dtype != np.uint8 or labels.dtype != np.uint8:
+        raise CarpruneError(f"the {split} IDX files in {root} are not unsigned-byte images and "
+                            "labels; replace them with the data set's original files")
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise CarpruneError(f"the {split} IDX files in {root} do not fit together (images "
                             f"{images.shape}, labels {labels.shape}); replace them with a "
@@ -157,6 +161,10 @@ def _idx_dataset(name: str, root: Path, classes: list[str], stats, val_per_class
         if y.size and (y.min() < 0 or y.max() >= len(classes)):
             raise CarpruneError(f"the {split} labels in {root} fall outside 0..{len(classes) - 1}; "
                                 "the label file does not belong to this data set")
+    for split, x in (("train", train_x), ("test", test_x)):
+        if x.shape[1:] != (28, 28):
+            raise CarpruneError(f"the {split} images in {root} are {x.shape[1]}x{x.shape[2]}, "
+                                f"not the 28x28 of {name}; replace them with the original files")
     rest, held = balanced_split(train_y, val_per_class, seed)
 
     def make(x, y):

@@ -25,7 +25,7 @@ def _fresh(out: Path) -> None:
 
 
 def run_demo(out: str | Path = "runs/demo", data_dir: str | None = None) -> dict:
-    from .cli import prune_run, table
+    from .runs import prune_run, table
 
     out = Path(out)
     _fresh(out)

@@ -8,14 +8,17 @@ removals on a fresh instance. Every file is written to a temporary name, fsynced
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import struct
 import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as tensors_from_bytes
+from safetensors.torch import save as tensors_to_bytes
 from torch import nn
 
 from .errors import CarpruneError
@@ -102,18 +105,9 @@ def save(model: nn.Module, out_dir: str | os.PathLike, extra: dict | None = None
     out.mkdir(parents=True, exist_ok=True)
     spec = dict(spec_of(model), format=FORMAT, **(extra or {}))
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".model.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out / "model.safetensors")
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    blob = tensors_to_bytes(tensors, metadata={"architecture_sha256": _architecture_sha(spec)})
+    spec["weights_sha256"] = hashlib.sha256(blob).hexdigest()
+    atomic_write(out / "model.safetensors", blob)
     write_json(out / "model.json", spec)
 
 
@@ -121,20 +115,86 @@ def load(path: str | os.PathLike) -> nn.Module:
     """Rebuild a saved model from model.json + model.safetensors; never unpickles anything."""
     directory = resolve_checkpoint(path)
     spec = read_json(directory / "model.json")
+    if not isinstance(spec, dict):
+        raise CarpruneError(f"{directory / 'model.json'} is not a carprune model description; "
+                            "restore it from the run that wrote it")
     weights_path = directory / "model.safetensors"
     if not weights_path.is_file():
         raise CarpruneError(f"{weights_path} does not exist; the checkpoint is incomplete, "
                             "re-run the command that wrote it")
+    blob = weights_path.read_bytes()
+    _refuse_pickle(blob, weights_path)
+    if hashlib.sha256(blob).hexdigest() != spec.get("weights_sha256"):
+        raise CarpruneError(f"{weights_path} does not match the checksum in model.json (the "
+                            "file is damaged or from another run); restore the pair written "
+                            "together")
     try:
-        state = load_file(weights_path)
-    except (SafetensorError, OSError, ValueError) as exc:
+        state = tensors_from_bytes(blob)
+        header = safe_open_metadata(blob)
+    except (SafetensorError, OSError, ValueError, struct.error) as exc:
         raise CarpruneError(f"{weights_path} is not a readable safetensors file ({exc}); "
                             "restore it from the run that wrote it") from None
+    if header.get("architecture_sha256") != _architecture_sha(spec):
+        raise CarpruneError(f"the architecture in {directory / 'model.json'} is not the one "
+                            "these weights were saved with (model.json was edited or damaged); "
+                            "restore the pair written together")
     model = build(spec)
     check_state_fits(model, state, weights_path)
     model.load_state_dict(state, strict=True)
     model.eval()
     return model
+
+
+_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+
+
+def _refuse_pickle(blob: bytes, path) -> None:
+    if blob.startswith(_PICKLE_MAGIC):
+        raise CarpruneError(f"{path} is a pickle (torch.save) file, which can run arbitrary "
+                            "code when loaded; convert it to safetensors, or pass "
+                            "--trust-pickle to load it with torch.load(weights_only=True)")
+
+
+def read_weights(path: str | os.PathLike, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """A state dict from a safetensors file, or (only when trusted) from a torch.save file,
+    which is then read with weights_only=True."""
+    path = Path(path)
+    if not path.is_file():
+        raise CarpruneError(f"weights file {path} does not exist; check the --weights path")
+    blob = path.read_bytes()
+    if not trust_pickle:
+        _refuse_pickle(blob, path)
+    if blob.startswith(_PICKLE_MAGIC):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch raises many kinds for bad files
+            raise CarpruneError(f"{path} cannot be read as a weights-only torch file ({exc}); "
+                                "save the state dict with torch.save or safetensors") from None
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+    else:
+        try:
+            state = tensors_from_bytes(blob)
+        except (SafetensorError, ValueError) as exc:
+            raise CarpruneError(f"{path} is not a readable safetensors file ({exc}); give a "
+                                "safetensors or (with --trust-pickle) a torch.save file") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
+                                              for v in state.values()):
+        raise CarpruneError(f"{path} does not hold a state dict of tensors; save "
+                            "model.state_dict()")
+    return state
+
+
+def _architecture_sha(spec: dict) -> str:
+    """Checksum of what decides the network's shape, stored inside the weights file."""
+    arch = {k: spec.get(k) for k in ("arch", "input_shape", "pruning_history")}
+    return hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()
+
+
+def safe_open_metadata(blob: bytes) -> dict:
+    """The metadata of a safetensors byte string (its JSON header's __metadata__)."""
+    (length,) = struct.unpack("<Q", blob[:8])
+    return json.loads(blob[8:8 + length]).get("__metadata__") or {}
 
 
 def check_state_fits(model: nn.Module, state: dict[str, torch.Tensor], source) -> None:
@@ -150,6 +210,10 @@ def check_state_fits(model: nn.Module, state: dict[str, torch.Tensor], source) -
             raise CarpruneError(f"{source}: {key} has shape {tuple(tensor.shape)} but the model "
                                 f"needs {tuple(expected[key].shape)}; pair the weights with the "
                                 "model.json they were saved with")
+        if tensor.dtype != expected[key].dtype:
+            raise CarpruneError(f"{source}: {key} has dtype {tensor.dtype} but the model "
+                                f"needs {expected[key].dtype}; save the weights in the model's "
+                                "own dtype")
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise CarpruneError(f"{source}: {key} holds NaN or inf values; the weights are "
                                 "broken, retrain or restore them")

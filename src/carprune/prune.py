@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -79,12 +80,16 @@ def check_layers(surgery: Surgery, layers: Sequence[str]) -> None:
 def car_prune(model: nn.Module, data, layers: Sequence[str], keep: float = 0.5, step: int = 1,
               engine: str = "fast", memory_budget: int = DEFAULT_MEMORY_BUDGET,
               num_classes: int | None = None, progress: bool = True, inplace: bool = False,
-              on_step: Callable[[str, Step, Surgery], None] | None = None) -> PruneResult:
+              done: dict[str, LayerRecord] | None = None, val_before: float | None = None,
+              on_step: Callable[[dict[str, LayerRecord], float], None] | None = None
+              ) -> PruneResult:
     """Greedy CAR over `layers` in the order given; returns the pruned model and every step.
 
     data: the scoring set (a TensorDataset, DataLoader or iterable of (images, labels)).
     keep: per layer, a fraction in (0, 1) or a count of filters to keep.
     step: filters removed per re-scoring (1 is the paper's greedy; more is an approximation).
+    done, val_before: the records of an interrupted run; its removals are replayed first.
+    on_step: called with all records so far after every removal (to save state).
     """
     if step < 1:
         raise CarpruneError(f"step must be at least 1, got {step}")
@@ -97,12 +102,27 @@ def car_prune(model: nn.Module, data, layers: Sequence[str], keep: float = 0.5, 
     check_layers(surgery, layers)
     targets = {name: resolve_keep(keep, surgery.size(name), name) for name in layers}
     scorer = make_engine(engine, memory_budget)
+    for name in layers:
+        need = scorer.cache_bytes(surgery, name, scoring) if engine == "fast" else 0
+        if need > memory_budget:
+            raise CarpruneError(f"exact CAR of {name!r} caches {need / 2**30:.1f} GiB of "
+                                f"activations for {scoring.total} scoring images, over the "
+                                f"memory budget of {memory_budget / 2**30:.1f} GiB; lower "
+                                "--score-samples or raise --memory-budget")
+    if int((scoring.class_totals() > 0).sum()) < 2:
+        warnings.warn("the scoring set holds a single class: CAR still ranks filters, but "
+                      "class importance is meaningless; score on data with several classes",
+                      stacklevel=2)
     records: dict[str, LayerRecord] = {}
-    val_before = None
     pending: Step | None = None  # the last step, until the next scoring pass measures it
     for name in layers:
         n, target = surgery.size(name), targets[name]
         record = records[name] = LayerRecord(n, target)
+        for past in (done or {}).get(name, LayerRecord(n, target)).steps:
+            surgery.remove(name, [surgery.alive[name].index(o) for o in past.removed])
+            record.removed += past.removed
+            record.steps.append(past)
+            pending = past if math.isnan(past.val_accuracy) else None
         bar = tqdm(total=sum(_lefts(n, target, step)), desc=f"CAR {name}", unit="cand",
                    disable=not progress)
         while surgery.size(name) > target:
@@ -120,7 +140,7 @@ def car_prune(model: nn.Module, data, layers: Sequence[str], keep: float = 0.5, 
             record.steps.append(pending)
             bar.set_postfix(left=surgery.size(name), best_car=f"{car[chosen[0]]:+.4f}")
             if on_step is not None:
-                on_step(name, pending, surgery)
+                on_step(records, val_before)
         bar.close()
     val_after = float(scorer.score(surgery, [], scoring)[0].accuracy()[0])
     if pending is not None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -62,16 +65,35 @@ def evaluate(model: nn.Module, dataset: TensorDataset, num_classes: int | None =
                       correct, len(y_all))
 
 
+@dataclass
+class TrainState:
+    """What an interrupted training needs to continue bit-identically after `epoch` epochs."""
+
+    epoch: int
+    optimizer: dict
+    generator: torch.Tensor
+    torch_rng: torch.Tensor
+    log: list[dict]
+
+
 def fit(model: nn.Module, train: TensorDataset, epochs: int, lr: float = 0.05,
         batch_size: int = 128, weight_decay: float = 5e-4, seed: int = 0,
-        val: TensorDataset | None = None, progress: bool = True, desc: str = "train") -> list[dict]:
-    """Train in place with SGD + Nesterov momentum under a one-cycle schedule; returns a log."""
+        val: TensorDataset | None = None, progress: bool = True, desc: str = "train",
+        resume: TrainState | None = None,
+        on_epoch: Callable[[TrainState], None] | None = None) -> list[dict]:
+    """Train in place with SGD + Nesterov momentum under a one-cycle schedule; returns a log.
+
+    `on_epoch` receives the state after every epoch; passing it back as `resume` (with the
+    model's weights of that moment) continues exactly as if never stopped.
+    """
     if epochs <= 0:
         return []
+    if len(train) == 0:
+        raise CarpruneError("the training set is empty; give a data set with images")
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(train, batch_size=batch_size, shuffle=True, generator=generator,
-                        drop_last=True)
+                        drop_last=len(train) > batch_size)
     model.to(memory_format=torch.channels_last)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
@@ -80,12 +102,22 @@ def fit(model: nn.Module, train: TensorDataset, epochs: int, lr: float = 0.05,
                           lr=lr, momentum=0.9, nesterov=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, epochs=epochs,
                                                 steps_per_epoch=len(loader), pct_start=0.25)
-    log = []
-    for epoch in range(1, epochs + 1):
+    log: list[dict] = []
+    first = 1
+    if resume is not None:
+        with warnings.catch_warnings():  # replaying the schedule without optimizer steps
+            warnings.simplefilter("ignore")
+            for _ in range(resume.epoch * len(loader)):
+                sched.step()
+        opt.load_state_dict(resume.optimizer)
+        generator.set_state(resume.generator)
+        torch.set_rng_state(resume.torch_rng)
+        log, first = list(resume.log), resume.epoch + 1
+    for epoch in range(first, epochs + 1):
         model.train()
         start, seen, total_loss, correct = time.perf_counter(), 0, 0.0, 0
         bar = tqdm(loader, desc=f"{desc} epoch {epoch}/{epochs}", disable=not progress,
-                   leave=False, unit="batch")
+                   mininterval=1, leave=False, unit="batch")
         for x, y in bar:
             x = augment(x, generator).contiguous(memory_format=torch.channels_last)
             logits = model(x)
@@ -98,9 +130,9 @@ def fit(model: nn.Module, train: TensorDataset, epochs: int, lr: float = 0.05,
             total_loss += float(loss.detach()) * len(y)
             correct += int((logits.argmax(1) == y).sum())
             bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
-        if not torch.isfinite(torch.tensor(total_loss)):
+        if not math.isfinite(total_loss):
             raise CarpruneError(f"training diverged at epoch {epoch} (loss is not finite); "
-                                "lower the learning rate")
+                                "lower the learning rate or check the data for NaN")
         entry = {"epoch": epoch, "train_loss": total_loss / seen, "train_accuracy": correct / seen,
                  "seconds": time.perf_counter() - start}
         if val is not None:
@@ -111,5 +143,8 @@ def fit(model: nn.Module, train: TensorDataset, epochs: int, lr: float = 0.05,
                        f"train acc {entry['train_accuracy']:.4f}"
                        + (f", val acc {entry['val_accuracy']:.4f}" if val is not None else "")
                        + f" ({entry['seconds']:.0f} s)")
+        if on_epoch is not None:
+            on_epoch(TrainState(epoch, opt.state_dict(), generator.get_state(),
+                                torch.get_rng_state(), list(log)))
     model.eval()
     return log

@@ -216,6 +216,15 @@ class FastEngine:
         return base, result
 
     @torch.inference_mode()
+    def cache_bytes(self, surgery: Surgery, layer: str, scoring: ScoringSet) -> int:
+        """Memory the layer's cache will hold: its consumer's input and output per image."""
+        plan = plan_layer(surgery, layer)
+        if plan is None:
+            return 0
+        x = plan.head(scoring.example())[0]
+        return 4 * scoring.total * (x.numel() + plan.full(x).numel())
+
+    @torch.inference_mode()
     def _inputs(self, surgery: Surgery, plan: _Plan, layer: str,
                 scoring: ScoringSet) -> _Cache:
         """X and side inputs per batch, sliced from the cache when only L lost channels since

@@ -1,0 +1,316 @@
+"""`explain_run`: everything the interpretation part knows about some layers, as files a person
+reads (PNGs, one self-contained report.html) and files a program reads (CSV, JSON)."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import html
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import io
+from ..data import Data
+from ..errors import CarpruneError
+from ..groups import Surgery
+from ..prune import check_layers
+from ..scoring import ScoringSet, make_engine
+from .class_importance import ClassImportance, class_importance
+from .colour import (
+    ACTIVATION_THRESHOLD,
+    WEIGHT_THRESHOLD,
+    activation_colour_index,
+    colour_figure,
+    colour_of_pruned,
+    colour_selectivity,
+    diversity_comparison,
+    diversity_figure,
+)
+from .pictures import (
+    Patches,
+    filter_grid,
+    heatmap,
+    image_png,
+    patch_strip,
+    patches_figure,
+    top_patches,
+)
+
+FIRST_REMOVED = 20
+
+
+def first_conv(model: nn.Module, channels: int) -> str | None:
+    """The conv layer that reads the image: the first Conv2d taking the input's channels."""
+    return next((name for name, m in model.named_modules()
+                 if isinstance(m, nn.Conv2d) and m.in_channels == channels), None)
+
+
+def _model(checkpoint_or_model) -> tuple[nn.Module, str]:
+    if isinstance(checkpoint_or_model, nn.Module):
+        return checkpoint_or_model.eval(), "a model given in Python"
+    return io.load(checkpoint_or_model), str(checkpoint_or_model)
+
+
+def removal_orders(prune_run, model: nn.Module, layers: Sequence[str]) -> dict[str, list[int]]:
+    """Per layer of `layers` that the prune run pruned: the original filter indices in CAR's
+    removal order, checked against the model the run must have started from."""
+    if prune_run is None:
+        return {}
+    result = io.read_json(Path(prune_run) / "result.json")
+    pruned = result.get("layers")
+    if not isinstance(pruned, dict):
+        raise CarpruneError(f"{prune_run}/result.json has no layers entry; give a directory "
+                            "written by carprune prune")
+    if not set(pruned) & set(layers):
+        raise CarpruneError(f"prune run {prune_run} pruned {', '.join(pruned) or 'no layer'}, "
+                            f"none of {', '.join(layers)}; name one of its layers")
+    modules = dict(model.named_modules())
+    orders = {}
+    for name in layers:
+        if name not in pruned:
+            continue
+        record = pruned[name] if isinstance(pruned[name], dict) else {}
+        size, removed = modules[name].out_channels, record.get("removed")
+        if record.get("filters_before") != size or not isinstance(removed, list) or \
+                any(not isinstance(i, int) or not 0 <= i < size for i in removed):
+            raise CarpruneError(f"prune run {prune_run} does not fit layer {name!r} of this "
+                                f"model ({size} filters); give the checkpoint the run started "
+                                "from")
+        orders[name] = removed
+    return orders
+
+
+def _validated(checkpoint_or_model, data: Data, layers: Sequence[str], out, prune_run,
+               score_samples: int | None, engine: str, top_k: int):
+    from ..runs import check_fits, refuse_existing_output, scoring_subset
+
+    if not isinstance(data, Data):
+        raise CarpruneError("explain_run needs a carprune Data (e.g. carprune.data."
+                            "fashion_mnist()); use class_importance for a bare data set")
+    make_engine(engine)
+    if top_k < 1:
+        raise CarpruneError(f"top_k must be at least 1 patch per filter, got {top_k}")
+    model, source = _model(checkpoint_or_model)
+    check_fits(model, data)
+    check_layers(Surgery(copy.deepcopy(model), data.val.tensors[0][:1]), layers)
+    dataset = scoring_subset(data, score_samples)
+    orders = removal_orders(prune_run, model, layers)
+    refuse_existing_output(str(out))
+    return model, source, dataset, orders
+
+
+def _img(data: bytes, alt: str, css: str = "") -> str:
+    encoded = base64.b64encode(data).decode("ascii")
+    return f'<img class="{css}" alt="{html.escape(alt)}" src="data:image/png;base64,{encoded}">'
+
+
+def _pts(value: float) -> str:
+    return f"{100 * value:+.1f}"
+
+
+def _classes_cell(pairs: list[tuple[str, float]]) -> str:
+    return "<br>".join(f"{html.escape(c)} <b>{_pts(v)}</b>" for c, v in pairs)
+
+
+def _layer_html(name: str, imp: ClassImportance, figures: dict[str, bytes], strips: list[bytes],
+                info: dict, colour_values) -> str:
+    top = max(range(imp.num_filters), key=lambda f: (imp.car[f], -f))
+    parts = [f'<h2 id="{html.escape(name)}">Layer {html.escape(name)}</h2>',
+             f"<p>{imp.num_filters} filters. Accuracy of the network on the scoring set: "
+             f"<b>{100 * imp.base_accuracy:.2f}%</b>. Most important filter: <b>{top}</b> "
+             f"(CAR index {_pts(imp.car[top])} points; needed most by "
+             f"{html.escape(imp.most(top, 1)[0][0])}). Numbers are percentage points of "
+             "accuracy lost without the filter (overall for the CAR index, per class "
+             "otherwise).</p>",
+             "<h3>Which classes need which filter</h3>",
+             _img(figures[f"heatmap_{name}.png"], f"class-importance heat map of {name}")]
+    parts.append("<h3>Colour</h3>")
+    colour = info["colour"]
+    if colour is None:
+        parts.append("<p>The colour indices do not apply: the images are not RGB.</p>")
+    else:
+        parts.append(f"<p>{colour['colour_in_first']} of the first {colour['first']} filters "
+                     f"removed ({html.escape(info['order_source'])}) are colour filters "
+                     f"({html.escape(colour['index'])} index above {colour['threshold']}), "
+                     f"against {colour['colour_in_layer']} of {imp.num_filters} "
+                     f"({100 * colour['layer_share']:.0f}%) in the whole layer.</p>")
+        parts.append(_img(figures[f"colour_{name}.png"], f"colour index of {name}"))
+    div = info["diversity"]
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v['filters']}</td>"
+                   f"<td>{v['mean_cosine_distance']:.3f}</td><td>{v['effective_rank']:.2f}</td>"
+                   "</tr>" for k, v in div.items())
+    parts += ["<h3>Diversity of the filter bank</h3>",
+              f"<p>Kept filters by {html.escape(info['order_source'])}, against as many kept by "
+              "the L1 norm (smallest removed) and at random (mean of 10 seeded draws).</p>",
+              "<table><tr><th>filters</th><th>count</th><th>mean cosine distance</th>"
+              f"<th>effective rank</th></tr>{rows}</table>",
+              _img(figures[f"diversity_{name}.png"], f"diversity of {name}")]
+    removal = {f: pos + 1 for pos, f in enumerate(info["removal_order"])}
+    colour_head = "<th>colour index</th>" if colour_values is not None else ""
+    order_head = f"<th>removal # ({html.escape(info['order_source'])})</th>"
+    parts += ["<h3>Filters, most important first</h3>",
+              f"<table class=filters><tr><th>filter</th><th>CAR index</th>{order_head}"
+              f"{colour_head}<th>needed most by</th><th>needed least by</th>"
+              "<th>patches that excite it most (receptive field in red; at the image border "
+              "part of it is padding)</th></tr>"]
+    for f in sorted(range(imp.num_filters), key=lambda f: (-imp.car[f], f)):
+        colour_cell = f"<td>{colour_values[f]:.2f}</td>" if colour_values is not None else ""
+        parts.append(f"<tr><td><b>{f}</b></td><td>{_pts(imp.car[f])}</td>"
+                     f"<td>{removal.get(f, 'kept')}</td>{colour_cell}"
+                     f"<td>{_classes_cell(imp.most(f))}</td><td>{_classes_cell(imp.least(f))}</td>"
+                     f"<td>{_img(strips[f], f'patches of filter {f}', 'strip')}</td></tr>")
+    parts.append("</table>")
+    return "\n".join(parts)
+
+
+_CSS = """body{font-family:sans-serif;max-width:1150px;margin:1em auto;color:#222;padding:0 1em}
+h2{border-bottom:2px solid #ccc;padding-bottom:.2em;margin-top:2em}
+table{border-collapse:collapse;margin:.5em 0;font-size:14px}
+td,th{border:1px solid #ccc;padding:3px 7px;text-align:left;vertical-align:middle}
+th{background:#f0f0f0} img{max-width:100%} img.strip{image-rendering:pixelated}
+p.meta{color:#555}"""
+
+
+def _page(source: str, data: Data, total: int, prune_run, grid_name: str | None,
+          figures: dict[str, bytes], sections: list[str], layers: Sequence[str]) -> str:
+    nav = " · ".join(f'<a href="#{html.escape(n)}">{html.escape(n)}</a>' for n in layers)
+    grid = "" if grid_name is None else \
+        f"<h2>Filters of {html.escape(grid_name)}</h2>" + \
+        _img(figures[f"filters_{grid_name}.png"], f"filters of {grid_name}")
+    run = f"; prune run: {html.escape(str(prune_run))}" if prune_run is not None else ""
+    return (f"<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
+            f"<title>carprune explain: {html.escape(source)}</title><style>{_CSS}</style>"
+            f"</head><body><h1>What the filters of {html.escape(source)} do</h1>"
+            f"<p class=meta>Data: {html.escape(data.name)} ({len(data.classes)} classes: "
+            f"{html.escape(', '.join(data.classes))}); scoring set: the first {total} "
+            f"validation images{run}. Layers: {nav}</p>{grid}\n" + "\n".join(sections) +
+            "</body></html>\n")
+
+
+def _strips(patches: Patches, images: torch.Tensor, data: Data) -> list[bytes]:
+    return [image_png(patch_strip(patches, f, images, data.mean, data.std))
+            for f in range(len(patches.image))]
+
+
+def _colour(model: nn.Module, images: torch.Tensor, name: str, data: Data, is_first: bool,
+            car_order: list[int], ranking: list[int]) -> tuple[dict | None, bytes | None]:
+    """The weight index for the layer reading the image, the activation index elsewhere."""
+    values = colour_selectivity(model.get_submodule(name).weight) if is_first else None
+    kind, threshold = "weight", WEIGHT_THRESHOLD
+    if values is None:
+        values = activation_colour_index(model, images, name, data.mean, data.std)
+        kind, threshold = "activation", ACTIVATION_THRESHOLD
+    if values is None:
+        return None, None
+    colour = {"index": kind, **colour_of_pruned(values, car_order, threshold, FIRST_REMOVED),
+              "values": [float(v) for v in values]}
+    return colour, colour_figure(values, ranking, threshold, name, f"{kind} colour index",
+                                 FIRST_REMOVED)
+
+
+def _explain_layer(model: nn.Module, scoring: ScoringSet, images: torch.Tensor, name: str,
+                   data: Data, run_order: list[int] | None, is_first: bool, engine: str,
+                   top_k: int, seed: int, progress: bool):
+    """Everything about one layer: (class importance, summary, figures, CSV, HTML section)."""
+    imp = class_importance(model, scoring, name, engine, classes=data.classes,
+                           progress=progress)
+    patches = top_patches(model, images, name, top_k)
+    if run_order is not None:
+        order, order_source = run_order, "greedy CAR, prune run"
+    else:
+        order = imp.removal_order[:imp.num_filters // 2]
+        order_source = "one-shot CAR index, half the layer"
+    gone = set(order)
+    ranking = order + [f for f in imp.removal_order if f not in gone]
+    colour, colour_png = _colour(model, images, name, data, is_first,
+                                 run_order or imp.removal_order, ranking)
+    div = diversity_comparison(model.get_submodule(name).weight, order, seed)
+    figures = {f"heatmap_{name}.png": heatmap(imp),
+               f"patches_{name}.png": patches_figure(patches, images, data.mean, data.std),
+               f"diversity_{name}.png": diversity_figure(div, name)}
+    if colour_png is not None:
+        figures[f"colour_{name}.png"] = colour_png
+    info = {"filters": imp.num_filters, "base_accuracy": imp.base_accuracy,
+            "car": [float(v) for v in imp.car], "order_source": order_source,
+            "removal_order": order, "colour": colour, "diversity": div,
+            "top_patches": {"receptive_field": None if patches.rf is None else
+                            list(patches.rf.size), "images": patches.image.tolist()}}
+    section = _layer_html(name, imp, figures, _strips(patches, images, data), info,
+                          None if colour is None else colour["values"])
+    return imp, info, figures, imp.to_csv(), section
+
+
+def explain_run(checkpoint_or_model, data: Data, layers: Sequence[str], out: str | os.PathLike,
+                prune_run: str | os.PathLike | None = None, score_samples: int | None = None,
+                engine: str = "fast", top_k: int = 6, seed: int = 0,
+                progress: bool = True) -> dict:
+    """Explain the filters of `layers`: class importance (CSV, JSON, heat map), top patches, the
+    first conv layer's filters, colour and diversity indices, and one self-contained
+    report.html, all in `out`. Every input is checked before anything is written.
+
+    checkpoint_or_model: a checkpoint directory, a shipped name, or an nn.Module.
+    prune_run: a `carprune prune` output directory; its removal order annotates the pictures
+    (otherwise the one-shot CAR ranking stands in, removing half of each layer).
+    score_samples: score on the first N validation images (default: all).
+    """
+    model, source, dataset, orders = _validated(checkpoint_or_model, data, layers, out,
+                                                prune_run, score_samples, engine, top_k)
+    out = Path(out)
+    scoring = ScoringSet.from_any(dataset, data.num_classes)
+    images = torch.cat([x for x, _ in scoring.batches]).contiguous()
+    grid_name = first_conv(model, images.shape[1])
+    figures: dict[str, bytes] = {}
+    texts: dict[str, str] = {}
+    explained, sections = {}, []
+    for name in layers:
+        imp, info, layer_figures, table_csv, section = _explain_layer(
+            model, scoring, images, name, data, orders.get(name), name == grid_name, engine,
+            top_k, seed, progress)
+        explained[name] = (imp, info)
+        figures.update(layer_figures)
+        texts[f"class_importance_{name}.csv"] = table_csv
+        sections.append(section)
+    if grid_name is not None:
+        figures[f"filters_{grid_name}.png"] = filter_grid(
+            model.get_submodule(grid_name).weight, grid_name, orders.get(grid_name))
+    texts["report.html"] = _page(source, data, scoring.total, prune_run, grid_name, figures,
+                                 sections, layers)
+    files = sorted([*figures, *texts, *[f"class_importance_{n}.json" for n in layers],
+                    "explain.json"])
+    summary = {"checkpoint": source, "data": data.name, "classes": list(data.classes),
+               "score_samples": scoring.total, "engine": engine,
+               "prune_run": None if prune_run is None else str(prune_run),
+               "first_conv": grid_name, "files": files,
+               "layers": {n: info for n, (_, info) in explained.items()}}
+    for filename, payload in {**figures, **texts}.items():
+        io.atomic_write(out / filename, payload)
+    for name, (imp, _) in explained.items():
+        io.write_json(out / f"class_importance_{name}.json", imp.to_json())
+    io.write_json(out / "explain.json", summary)
+    _print_summary(explained, out)
+    return summary
+
+
+def _print_summary(layers: dict[str, tuple[ClassImportance, dict]], out: Path) -> None:
+    from ..runs import table
+
+    rows = []
+    for name, (imp, info) in layers.items():
+        top = max(range(imp.num_filters), key=lambda f: (imp.car[f], -f))
+        low = min(range(imp.num_filters), key=lambda f: (imp.car[f], f))
+        div = info["diversity"]
+        colour = info["colour"]
+        rows.append([name, imp.num_filters, f"{100 * imp.base_accuracy:.2f}",
+                     f"{top} ({_pts(imp.car[top])}, {imp.most(top, 1)[0][0]})",
+                     f"{low} ({_pts(imp.car[low])})",
+                     f"{div['original']['mean_cosine_distance']:.3f} -> "
+                     f"{div['CAR-kept']['mean_cosine_distance']:.3f}",
+                     "n/a (grey)" if colour is None else
+                     f"{colour['colour_in_first']}/{colour['first']}"])
+    print(table(rows, ["layer", "filters", "acc %", "most important (pts, class)",
+                       "least important", "diversity -> CAR-kept", "colour in first removed"]))
+    print(f"report: {out / 'report.html'}")

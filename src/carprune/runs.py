@@ -1,0 +1,268 @@
+"""What each command does, end to end: check the input, call the API, print a table, write
+the outputs. The CLI (`cli.py`) only parses; notebooks and the demo call these directly."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import io
+from .criteria import CRITERIA
+from .data import load_data
+from .errors import CarpruneError
+from .groups import Surgery
+from .models import create_model
+from .prune import car_prune, check_layers, count_macs_params, criterion_prune, resolve_keep
+from .resume import RunState
+from .scoring import DEFAULT_MEMORY_BUDGET, ScoringSet
+from .train import evaluate, fit
+
+
+def table(rows: list[list], header: list[str]) -> str:
+    cells = [[str(c) for c in r] for r in [header, *rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def command_line() -> str:
+    return "carprune " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def check_fits(model: torch.nn.Module, data) -> None:
+    """Refuse data whose image shape or class count does not match the model."""
+    shape = getattr(model, "carprune_spec", {}).get("input_shape")
+    if shape and list(data.input_shape) != list(shape):
+        raise CarpruneError(f"the data's images are {list(data.input_shape)} but the model "
+                            f"takes {shape}; use the data set the model was trained on")
+    with torch.inference_mode():
+        out = model.eval()(data.val.tensors[0][:2])
+    if out.shape[-1] != data.num_classes:
+        raise CarpruneError(f"the model predicts {out.shape[-1]} classes but the data has "
+                            f"{data.num_classes}; use the data set the model was trained on")
+
+
+def refuse_existing_output(out: str) -> None:
+    path = Path(out)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise CarpruneError(f"output directory {out} already exists and is not empty; choose "
+                            "another --out or remove it")
+
+
+def scoring_subset(data, n: int | None):
+    """The first n val images (the val split is shuffled and class-balanced), or all."""
+    if n is None:
+        return data.val
+    if n <= 0:
+        raise CarpruneError(f"--score-samples must be positive, got {n}")
+    return torch.utils.data.TensorDataset(*[t[:n] for t in data.val.tensors])
+
+
+# -- commands -----------------------------------------------------------------------------
+
+def train_run(args) -> None:
+    """`carprune train`: fit a zoo model and write a checkpoint with the command that made it."""
+    data = load_data(args.data, args.data_dir)
+    c, h, _ = data.input_shape
+    kwargs = {"in_channels": c, "num_classes": data.num_classes}
+    if args.model == "convnet":
+        kwargs["input_size"] = h
+    model = create_model(args.model, **kwargs)
+    model.carprune_spec = {"arch": {"name": args.model, "kwargs": kwargs},
+                           "input_shape": list(data.input_shape), "data": data.describe()}
+    refuse_existing_output(args.out)
+    start = time.perf_counter()
+    log = fit(model, data.train, args.epochs, lr=args.lr, batch_size=args.batch_size,
+              seed=args.seed, val=data.val)
+    seconds = time.perf_counter() - start
+    test = evaluate(model, data.test, data.num_classes)
+    val = evaluate(model, data.val, data.num_classes)
+    io.save(model, args.out, extra={"training": {
+        "command": command_line(), "epochs": log, "seconds": seconds,
+        "test_accuracy": test.accuracy, "val_accuracy": val.accuracy,
+        "torch": torch.__version__, "threads": torch.get_num_threads()}})
+    print(table([[args.model, args.epochs, f"{seconds / max(args.epochs, 1):.1f}",
+                  f"{val.accuracy:.4f}", f"{test.accuracy:.4f}"]],
+                ["model", "epochs", "s/epoch", "val acc", "test acc"]))
+    print(f"checkpoint written to {args.out}")
+
+
+def evaluate_run(args) -> None:
+    """`carprune evaluate`: overall and per-class accuracy of a checkpoint."""
+    model = io.load(args.checkpoint)
+    data = load_data(args.data, args.data_dir)
+    check_fits(model, data)
+    result = evaluate(model, getattr(data, args.split), data.num_classes)
+    rows = [[name, f"{acc:.4f}"] for name, acc in zip(data.classes, result.per_class,
+                                                       strict=True)]
+    print(table(rows, ["class", f"{args.split} accuracy"]))
+    print(f"{args.split} accuracy: {result.accuracy:.4f} ({result.correct}/{result.total})")
+    if args.json:
+        io.write_json(args.json, {"checkpoint": str(args.checkpoint), "split": args.split,
+                                  "accuracy": result.accuracy, "loss": result.loss,
+                                  "per_class": dict(zip(data.classes, result.per_class,
+                                                        strict=True))})
+
+
+def prune_run(checkpoint: str, data, layers: list[str], keep: float, out: str,
+              step: int = 1, score_samples: int | None = None, engine: str = "fast",
+              memory_budget_gib: float = DEFAULT_MEMORY_BUDGET / 2**30,
+              finetune_epochs: int = 2, finetune_lr: float = 0.01, seed: int = 0,
+              criterion: str = "car", train_samples: int | None = None,
+              restart: bool = False) -> dict:
+    """Check everything, prune, fine-tune, write DIR; returns result.json's content.
+
+    State is kept in DIR after every CAR step and fine-tuning epoch: the same call on the same
+    DIR resumes an interrupted run (see resume.py)."""
+    model = io.load(checkpoint)
+    check_fits(model, data)
+    check_layers(Surgery(model, data.val.tensors[0][:1]), layers)
+    for name in layers:
+        resolve_keep(keep, dict(model.named_modules())[name].out_channels, name)
+    scoring = scoring_subset(data, score_samples)
+    train = data.train if train_samples is None else \
+        torch.utils.data.TensorDataset(*[t[:train_samples] for t in data.train.tensors])
+    config = {"checkpoint": str(checkpoint), "weights": model.carprune_spec["weights_sha256"],
+              "data": data.name, "val_images": len(data.val), "layers": list(layers),
+              "keep": keep, "step": step, "score_samples": len(scoring), "engine": engine,
+              "criterion": criterion, "finetune_epochs": finetune_epochs,
+              "finetune_lr": finetune_lr, "train_samples": len(train), "seed": seed}
+    state = RunState.open(out, config, restart)
+    shape = data.input_shape
+    macs_before, params_before = count_macs_params(model, shape)
+    test_before = evaluate(model, data.test, data.num_classes).accuracy
+    val_before = evaluate(model, data.val, data.num_classes).accuracy
+    if criterion == "car":
+        result = car_prune(model, scoring, layers, keep=keep, step=step, engine=engine,
+                           memory_budget=int(memory_budget_gib * 2**30),
+                           num_classes=data.num_classes, done=state.layers(),
+                           val_before=state.saved.get("val_before"), on_step=state.save_layers)
+    else:
+        result = criterion_prune(model, scoring, layers, criterion, keep=keep, seed=seed,
+                                 num_classes=data.num_classes)
+    pruned = result.model
+    test_pruned = evaluate(pruned, data.test, data.num_classes).accuracy
+    val_pruned = evaluate(pruned, data.val, data.num_classes).accuracy
+    start = time.perf_counter()
+    fit(pruned, train, finetune_epochs, lr=finetune_lr, seed=seed, desc="fine-tune",
+        resume=state.training(pruned),
+        on_epoch=lambda ts: state.save_training(pruned, ts))
+    finetune_seconds = time.perf_counter() - start
+    test_finetuned = evaluate(pruned, data.test, data.num_classes).accuracy
+    macs_after, params_after = count_macs_params(pruned, shape)
+    summary = {
+        "command": command_line(), "checkpoint": str(checkpoint), "criterion": criterion,
+        "engine": result.engine, "step": step, "keep": keep, "score_samples": len(scoring),
+        "seconds": {"prune": result.seconds, "finetune": finetune_seconds},
+        "model": {"params_before": params_before, "params_after": params_after,
+                  "macs_before": macs_before, "macs_after": macs_after},
+        "accuracy": {"test_before": test_before, "test_pruned": test_pruned,
+                     "test_finetuned": test_finetuned, "val_before": val_before,
+                     "val_pruned": val_pruned},
+        "layers": result.to_json(),
+    }
+    io.save(pruned, out, extra={"pruned_by": summary["command"]})
+    io.write_json(Path(out) / "result.json", summary)
+    state.finish()
+    rows = [[name, f"{rec.filters_before} -> {rec.filters_after}",
+             " ".join(map(str, rec.removed[:10])) + (" ..." if len(rec.removed) > 10 else "")]
+            for name, rec in result.layers.items()]
+    print(table(rows, ["layer", "filters", "removed first (original index)"]))
+    print(table([["params", params_before, params_after],
+                 ["MACs", macs_before, macs_after],
+                 ["test accuracy", f"{test_before:.4f}",
+                  f"{test_pruned:.4f} pruned / {test_finetuned:.4f} fine-tuned"]],
+                ["", "before", "after"]))
+    print(f"CAR took {result.seconds:.1f} s ({result.engine} engine), fine-tuning "
+          f"{finetune_seconds:.1f} s; written to {out}")
+    return summary
+
+
+def bench_run(args) -> None:
+    """`carprune bench`: fast against naive engine, speed-ups and bounds, bench.json."""
+    from . import bench
+
+    model = io.load(args.checkpoint)
+    data = load_data(args.data, args.data_dir)
+    check_fits(model, data)
+    layers = args.layers or Surgery(model, data.val.tensors[0][:1]).conv_layers()
+    check_layers(Surgery(model, data.val.tensors[0][:1]), layers)
+    scoring = ScoringSet.from_any(scoring_subset(data, args.score_samples), data.num_classes)
+    rows, throughput = bench.bench_layers(model, scoring, layers, args.steps)
+    run_seconds = overall = None
+    if not args.no_whole_run:
+        print(f"whole run: every layer to keep {args.keep} with the fast engine ...")
+        run_seconds, run_cands = bench.whole_run(model, scoring, layers, args.keep)
+        overall = bench.overall_speedup(rows, run_seconds, run_cands)
+    report = bench.to_json(rows, throughput, run_seconds, overall, scoring.total, args.steps)
+    io.write_json(Path(args.out) / "bench.json", report)
+    print(table([[r.layer, r.candidates, f"{r.naive_seconds:.2f}", f"{r.fast_seconds:.2f}",
+                  f"{r.speedup:.1f}x", f"{r.bound_seconds:.2f}",
+                  f"{r.fast_seconds / r.bound_seconds:.2f}", "yes" if r.identical else "NO"]
+                 for r in rows],
+                ["layer", "candidates", "naive s", "fast s", "speed-up", "bound s",
+                 "fast/bound", "same picks"]))
+    print(f"scoring set: {scoring.total} images; network throughput "
+          f"{throughput / 1e9:.1f} GMAC/s on {torch.get_num_threads()} threads")
+    same = "yes" if report["identical_picks"] else "NO"
+    if overall is not None:
+        print(f"whole run (every layer to keep {args.keep}, fast engine): {run_seconds:.1f} s")
+        print(f"overall speed-up: {overall:.1f}x (identical picks: {same})")
+    else:
+        print(f"identical picks: {same}")
+    print(f"written to {Path(args.out) / 'bench.json'}")
+    if not report["identical_picks"]:
+        raise CarpruneError("the fast engine chose differently from the naive one; please "
+                            "report this with bench.json")
+
+
+def compare_run(checkpoint: str, data, layers: list[str], criteria_names: list[str], out: str,
+                keep_grid: list[float], retrain_epochs: int = 0, seeds: int = 3,
+                score_samples: int | None = None) -> dict:
+    """Check, run the comparison, write compare.csv, compare.json and one PNG per layer."""
+    from . import compare
+
+    model = io.load(checkpoint)
+    check_fits(model, data)
+    check_layers(Surgery(model, data.val.tensors[0][:1]), layers)
+    unknown = [c for c in criteria_names if c not in CRITERIA]
+    if unknown:
+        raise CarpruneError(f"unknown criterion {unknown[0]!r}; choose from "
+                            f"{', '.join(CRITERIA)}")
+    if not keep_grid or any(not 0 < k <= 1 for k in keep_grid):
+        raise CarpruneError("--keep-grid takes fractions in (0, 1], e.g. 1.0,0.75,0.5,0.25")
+    points = compare.compare(model, data, layers, criteria_names, keep_grid,
+                             retrain_epochs=retrain_epochs, seeds=seeds,
+                             scoring=scoring_subset(data, score_samples))
+    sizes = {name: m.out_channels for name, m in model.named_modules() if name in layers}
+    summary = {"command": command_line(), "checkpoint": str(checkpoint),
+               "keep_0.5": compare.margins(points, 0.5, sizes),
+               "keep_0.5_retrained": compare.margins(points, 0.5, sizes, retrained=True)}
+    out_dir = Path(out)
+    io.atomic_write(out_dir / "compare.csv", compare.to_csv(points))
+    for layer in layers:
+        compare.plot(points, layer, out_dir / f"compare_{layer}.png")
+    io.write_json(out_dir / "compare.json", summary)
+    for key, title in (("keep_0.5", "no retraining"),
+                       ("keep_0.5_retrained", f"after {retrain_epochs} epoch(s) retraining")):
+        if not summary[key]:
+            continue
+        rows = []
+        for layer, m in summary[key].items():
+            row = [layer, m["kept"]]
+            row += [f"{100 * m['accuracy'][c]:.2f}" if c in m["accuracy"] else "-"
+                    for c in criteria_names]
+            row.append(f"{100 * m['margin']:+.2f} vs {m['best_other']}"
+                       if m["margin"] is not None else "-")
+            rows.append(row)
+        print(f"test accuracy (%) at keep 0.5, {title}:")
+        print(table(rows, ["layer", "kept", *criteria_names, "CAR margin"]))
+    print(f"written to {out_dir}/ (compare.csv, compare.json, "
+          f"{', '.join(f'compare_{x}.png' for x in layers)})")
+    return summary

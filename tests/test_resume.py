@@ -1,0 +1,118 @@
+"""Long runs that survive: kills, interrupted writes, full disks, changed configurations."""
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from carprune import CarpruneError
+from carprune.io import atomic_write
+from carprune.resume import STATE_DIR, RunState
+
+ARGS = ["prune", "convnet-fmnist", "--layers", "conv3", "conv1", "--keep", "0.875",
+        "--score-samples", "150", "--train-samples", "1024", "--finetune-epochs", "3"]
+
+
+def start(out, *extra):
+    return subprocess.Popen([sys.executable, "-m", "carprune", *ARGS, "--out", str(out), *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_points_then_resume_matches_uninterrupted(tmp_path):
+    ref = tmp_path / "ref"
+    began = time.perf_counter()
+    proc = start(ref)
+    assert proc.wait(timeout=900) == 0, proc.stderr.read()
+    duration = time.perf_counter() - began
+    reference = json.loads((ref / "result.json").read_text())
+
+    out, kills, rng = tmp_path / "killed", 0, random.Random(7)
+    while True:
+        proc = start(out)
+        try:
+            proc.wait(timeout=rng.uniform(0.25, 0.6) * duration)
+            break  # finished on its own
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+        assert kills < 12
+    assert proc.returncode == 0, proc.stderr.read()
+    assert kills >= 2
+    result = json.loads((out / "result.json").read_text())
+    for layer in ("conv1", "conv3"):
+        assert result["layers"][layer]["removed"] == reference["layers"][layer]["removed"]
+        assert result["layers"][layer]["steps"] == reference["layers"][layer]["steps"]
+    assert (out / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
+    assert result["accuracy"] == reference["accuracy"]
+    assert not (out / STATE_DIR).exists()
+
+
+def test_a_write_killed_midway_leaves_the_old_state(tmp_path, monkeypatch):
+    state = RunState.open(tmp_path / "run", {"a": 1})
+    state.save_layers({}, 0.5)
+    before = (tmp_path / "run" / STATE_DIR / "state.json").read_bytes()
+
+    def die(*args):
+        raise KeyboardInterrupt  # the process stops between writing and renaming
+    monkeypatch.setattr(os, "replace", die)
+    with pytest.raises(KeyboardInterrupt):
+        state.save_layers({}, 0.9)
+    assert (tmp_path / "run" / STATE_DIR / "state.json").read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "run" / STATE_DIR).iterdir()) == ["state.json"]
+
+
+def test_disk_full_is_a_clear_error_and_keeps_the_state(tmp_path, monkeypatch):
+    state = RunState.open(tmp_path / "run", {"a": 1})
+    state.save_layers({}, 0.5)
+    before = (tmp_path / "run" / STATE_DIR / "state.json").read_bytes()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(CarpruneError, match="disk is full.*resume"):
+        state.save_layers({}, 0.9)
+    assert (tmp_path / "run" / STATE_DIR / "state.json").read_bytes() == before
+
+
+def test_atomic_write_never_leaves_a_temporary(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(5, "I/O error")))
+    with pytest.raises(OSError):
+        atomic_write(tmp_path / "f.json", "{}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_other_configuration_refused_and_restart_discards(tmp_path):
+    RunState.open(tmp_path / "run", {"keep": 0.5, "layers": ["conv1"]}).save_layers({}, 0.9)
+    with pytest.raises(CarpruneError, match=r"different configuration \(keep differ\).*--restart"):
+        RunState.open(tmp_path / "run", {"keep": 0.25, "layers": ["conv1"]})
+    resumed = RunState.open(tmp_path / "run", {"keep": 0.5, "layers": ["conv1"]})
+    assert resumed.saved["val_before"] == 0.9
+    fresh = RunState.open(tmp_path / "run", {"keep": 0.25, "layers": ["conv1"]}, restart=True)
+    assert fresh.saved == {} and not (tmp_path / "run").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("precious")
+    with pytest.raises(CarpruneError, match="not a carprune run directory"):
+        RunState.open(tmp_path / "mine", {}, restart=True)
+    assert (tmp_path / "mine" / "notes.txt").exists()
+
+
+def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path):
+    proc = start(tmp_path / "run")
+    deadline = time.time() + 300
+    while not (tmp_path / "run" / STATE_DIR / "state.json").exists():
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    err = proc.stderr.read()
+    assert "run the same command again to resume" in err and "Traceback" not in err
+    saved = json.loads((tmp_path / "run" / STATE_DIR / "state.json").read_text())
+    assert saved["layers"]["conv3"]["steps"]

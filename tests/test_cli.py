@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import carprune as cp
-from carprune.prune import count_macs_params
+from carprune.measure import macs_params
 
 
 def run(*args):
@@ -60,7 +60,7 @@ def test_prune_end_to_end_outputs(tmp_path, fmnist):
     assert proc.returncode == 0, proc.stderr
     result = json.loads((out / "result.json").read_text())
     model = cp.load(out)
-    macs, params = count_macs_params(model, (1, 28, 28))
+    macs, params = macs_params(model, (1, 28, 28))
     assert result["model"]["params_after"] == params and result["model"]["macs_after"] == macs
     assert result["model"]["params_before"] > params
     assert result["layers"]["conv1"]["filters_after"] == 24 == model.conv1.out_channels

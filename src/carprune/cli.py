@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from . import runs
+from . import dist, runs
 from .criteria import CRITERIA
 from .data import load_data
 from .errors import CarpruneError
@@ -44,6 +44,25 @@ def cmd_explain(args) -> None:
                 top_k=args.top_k)
 
 
+def cmd_compress(args) -> None:
+    from pathlib import Path
+
+    from .compress import compress_run, export_onnx, load_carz
+
+    out = Path(args.out)
+    compress_run(args.checkpoint, load_data(args.data, args.data_dir), out,
+                 weight_sparsity=args.weight_sparsity, bits=args.bits,
+                 finetune_epochs=args.finetune_epochs, baseline=args.baseline,
+                 layer_sparsity=dict(args.layer_sparsity or []),
+                 layer_bits=dict(args.layer_bits or []))
+    if args.onnx:
+        model = load_carz(out / "model.carz")
+        diff = export_onnx(model, out / "model.onnx", model.carprune_spec["input_shape"])
+        if diff is not None:  # None: export_onnx already said onnxruntime is missing
+            print(f"wrote {out / 'model.onnx'}; onnxruntime matches PyTorch "
+                  f"(max abs diff {diff:.1e})")
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -65,6 +84,19 @@ def _csv(kind):
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of "
                                              f"{kind.__name__} values") from None
+    return parse
+
+
+def _layer_value(kind):
+    def parse(text: str) -> tuple[str, float]:
+        name, sep, value = text.partition("=")
+        try:
+            if not (name and sep):
+                raise ValueError
+            return name, kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not LAYER=VALUE, e.g. conv1=0.5"
+                                             ) from None
     return parse
 
 
@@ -166,6 +198,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_explain)
 
+    p = sub.add_parser("compress", help="weight pruning, k-means sharing, Huffman coding into "
+                       "model.carz, with a size table")
+    p.add_argument("checkpoint", help="checkpoint or run directory, or a shipped name")
+    _data_args(p)
+    p.add_argument("--weight-sparsity", type=float, default=0.7,
+                   help="share of each layer's weights set to zero (default 0.7)")
+    p.add_argument("--bits", type=int, default=5,
+                   help="2**bits shared values per layer (default 5)")
+    p.add_argument("--layer-sparsity", type=_layer_value(float), nargs="+", metavar="LAYER=S",
+                   help="per-layer exceptions, e.g. conv1=0.5")
+    p.add_argument("--layer-bits", type=_layer_value(int), nargs="+", metavar="LAYER=B",
+                   help="per-layer exceptions, e.g. conv1=3")
+    p.add_argument("--finetune-epochs", type=int, default=1,
+                   help="after weight pruning, and again for the centroids (default 1)")
+    p.add_argument("--baseline", default=None, help="unpruned checkpoint for the baseline "
+                   "accuracy (default: the one the run's result.json names)")
+    p.add_argument("--onnx", action="store_true",
+                   help="also write model.onnx, checked against PyTorch with onnxruntime")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_compress)
+
     p = sub.add_parser("demo", help="the main job on the shipped network (what make demo runs)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--data-dir", default=None)
@@ -180,6 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
     warnings.formatwarning = lambda message, *rest, **kw: f"carprune: warning: {message}\n"
     try:
+        dist.init_from_env()
         args.func(args)
     except CarpruneError as exc:
         print(f"carprune: error: {exc}", file=sys.stderr)

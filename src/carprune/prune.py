@@ -10,10 +10,10 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
-import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import dist
 from .errors import CarpruneError
 from .groups import Surgery, Unit
 from .scoring import DEFAULT_MEMORY_BUDGET, ScoringSet, make_engine, rank
@@ -101,18 +101,20 @@ def car_prune(model: nn.Module, data, layers: Sequence[str], keep: float = 0.5, 
     surgery = Surgery(model, scoring.example(), prior_history=prior)
     check_layers(surgery, layers)
     targets = {name: resolve_keep(keep, surgery.size(name), name) for name in layers}
+    if int((scoring.class_totals() > 0).sum()) < 2:
+        warnings.warn("the scoring set holds a single class: CAR still ranks filters, but "
+                      "class importance is meaningless; score on data with several classes",
+                      stacklevel=2)
     scorer = make_engine(engine, memory_budget)
+    if dist.active():
+        scoring, scorer = dist.shard(scoring), dist.ShardedEngine(scorer)
     for name in layers:
-        need = scorer.cache_bytes(surgery, name, scoring) if engine == "fast" else 0
+        need = scorer.cache_bytes(surgery, name, scoring)
         if need > memory_budget:
             raise CarpruneError(f"exact CAR of {name!r} caches {need / 2**30:.1f} GiB of "
                                 f"activations for {scoring.total} scoring images, over the "
                                 f"memory budget of {memory_budget / 2**30:.1f} GiB; lower "
                                 "--score-samples or raise --memory-budget")
-    if int((scoring.class_totals() > 0).sum()) < 2:
-        warnings.warn("the scoring set holds a single class: CAR still ranks filters, but "
-                      "class importance is meaningless; score on data with several classes",
-                      stacklevel=2)
     records: dict[str, LayerRecord] = {}
     pending: Step | None = None  # the last step, until the next scoring pass measures it
     for name in layers:
@@ -124,7 +126,7 @@ def car_prune(model: nn.Module, data, layers: Sequence[str], keep: float = 0.5, 
             record.steps.append(past)
             pending = past if math.isnan(past.val_accuracy) else None
         bar = tqdm(total=sum(_lefts(n, target, step)), desc=f"CAR {name}", unit="cand",
-                   disable=not progress)
+                   disable=not (progress and dist.is_main()))
         while surgery.size(name) > target:
             units = [Unit(name, c) for c in range(surgery.size(name))]
             base, scores = scorer.score(surgery, units, scoring, bar.update)
@@ -182,10 +184,3 @@ def _lefts(n: int, target: int, step: int):
     while n > target:
         yield n
         n -= min(step, n - target)
-
-
-def count_macs_params(model: nn.Module, input_shape: Sequence[int]) -> tuple[int, int]:
-    import torch_pruning as tp
-
-    macs, params = tp.utils.count_ops_and_params(model, torch.zeros(1, *input_shape))
-    return int(macs), int(params)

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as tensors_to_bytes
 from torch import nn
 
+from . import dist
 from .errors import CarpruneError
 from .io import atomic_write, read_json, write_json
 from .prune import LayerRecord, Step
@@ -43,11 +44,13 @@ class RunState:
         out = Path(out)
         if out.exists() and not out.is_dir():
             raise CarpruneError(f"{out} is a file; choose a directory for --out")
-        if restart and out.is_dir() and any(out.iterdir()):
+        if restart and dist.is_main() and out.is_dir() and any(out.iterdir()):
             if not _is_run_dir(out):
                 raise CarpruneError(f"{out} is not a carprune run directory, so --restart will "
                                     "not delete it; choose another --out")
             shutil.rmtree(out)
+        if restart and dist.active():
+            dist.barrier()  # nobody reads the old state after rank 0 discarded it
         state_file = out / STATE_DIR / "state.json"
         if state_file.is_file():
             saved = read_json(state_file)
@@ -86,6 +89,8 @@ class RunState:
 
     # -- fine-tuning ------------------------------------------------------------------------
     def save_training(self, model: nn.Module, state: TrainState) -> None:
+        if not dist.is_main():
+            return
         tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
         for idx, buffers in state.optimizer["state"].items():
             for key, value in buffers.items():
@@ -118,10 +123,14 @@ class RunState:
                           info["log"])
 
     def finish(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if dist.is_main():
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     # -- writing ----------------------------------------------------------------------------
     def _write(self) -> None:
+        """Rank 0 writes; every rank reads the same state when a run resumes."""
+        if not dist.is_main():
+            return
         self.saved["config"] = self.config
         self._guard(lambda: write_json(self.dir / "state.json", self.saved))
 

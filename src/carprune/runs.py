@@ -10,13 +10,14 @@ from pathlib import Path
 
 import torch
 
-from . import io
+from . import dist, io
 from .criteria import CRITERIA
 from .data import load_data
 from .errors import CarpruneError
 from .groups import Surgery
+from .measure import speed_report
 from .models import create_model
-from .prune import car_prune, check_layers, count_macs_params, criterion_prune, resolve_keep
+from .prune import car_prune, check_layers, criterion_prune, resolve_keep
 from .resume import RunState
 from .scoring import DEFAULT_MEMORY_BUDGET, ScoringSet
 from .train import evaluate, fit
@@ -135,7 +136,7 @@ def prune_run(checkpoint: str, data, layers: list[str], keep: float, out: str,
               "finetune_lr": finetune_lr, "train_samples": len(train), "seed": seed}
     state = RunState.open(out, config, restart)
     shape = data.input_shape
-    macs_before, params_before = count_macs_params(model, shape)
+    before = speed_report(model, shape)
     test_before = evaluate(model, data.test, data.num_classes).accuracy
     val_before = evaluate(model, data.val, data.num_classes).accuracy
     if criterion == "car":
@@ -155,27 +156,37 @@ def prune_run(checkpoint: str, data, layers: list[str], keep: float, out: str,
         on_epoch=lambda ts: state.save_training(pruned, ts))
     finetune_seconds = time.perf_counter() - start
     test_finetuned = evaluate(pruned, data.test, data.num_classes).accuracy
-    macs_after, params_after = count_macs_params(pruned, shape)
+    after = speed_report(pruned, shape)
     summary = {
         "command": command_line(), "checkpoint": str(checkpoint), "criterion": criterion,
         "engine": result.engine, "step": step, "keep": keep, "score_samples": len(scoring),
         "seconds": {"prune": result.seconds, "finetune": finetune_seconds},
-        "model": {"params_before": params_before, "params_after": params_after,
-                  "macs_before": macs_before, "macs_after": macs_after},
+        "model": {"params_before": before["params"], "params_after": after["params"],
+                  "macs_before": before["macs"], "macs_after": after["macs"],
+                  "latency_ms_before": {"batch1": before["latency_ms_batch1"],
+                                        "batch64": before["latency_ms_batch64"]},
+                  "latency_ms_after": {"batch1": after["latency_ms_batch1"],
+                                       "batch64": after["latency_ms_batch64"]},
+                  "threads": after["threads"]},
         "accuracy": {"test_before": test_before, "test_pruned": test_pruned,
                      "test_finetuned": test_finetuned, "val_before": val_before,
                      "val_pruned": val_pruned},
         "layers": result.to_json(),
     }
+    state.finish()
+    if not dist.is_main():
+        return summary
     io.save(pruned, out, extra={"pruned_by": summary["command"]})
     io.write_json(Path(out) / "result.json", summary)
-    state.finish()
     rows = [[name, f"{rec.filters_before} -> {rec.filters_after}",
              " ".join(map(str, rec.removed[:10])) + (" ..." if len(rec.removed) > 10 else "")]
             for name, rec in result.layers.items()]
     print(table(rows, ["layer", "filters", "removed first (original index)"]))
-    print(table([["params", params_before, params_after],
-                 ["MACs", macs_before, macs_after],
+    print(table([["params", before["params"], after["params"]],
+                 ["MACs", before["macs"], after["macs"]],
+                 ["latency ms (batch 1 / 64)",
+                  f"{before['latency_ms_batch1']:.2f} / {before['latency_ms_batch64']:.1f}",
+                  f"{after['latency_ms_batch1']:.2f} / {after['latency_ms_batch64']:.1f}"],
                  ["test accuracy", f"{test_before:.4f}",
                   f"{test_pruned:.4f} pruned / {test_finetuned:.4f} fine-tuned"]],
                 ["", "before", "after"]))

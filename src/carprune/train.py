@@ -11,9 +11,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from tqdm.auto import tqdm
 
+from . import dist
 from .errors import CarpruneError
 
 
@@ -92,9 +94,17 @@ def fit(model: nn.Module, train: TensorDataset, epochs: int, lr: float = 0.05,
         raise CarpruneError("the training set is empty; give a data set with images")
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(train, batch_size=batch_size, shuffle=True, generator=generator,
-                        drop_last=len(train) > batch_size)
+    sampler = None
+    if dist.active():  # each rank a share of every global batch; DDP averages the gradients
+        batch_size = max(1, batch_size // dist.world())
+        sampler = DistributedSampler(train, dist.world(), dist.rank(), shuffle=True, seed=seed,
+                                     drop_last=True)
+        loader = DataLoader(train, batch_size=batch_size, sampler=sampler, drop_last=True)
+    else:
+        loader = DataLoader(train, batch_size=batch_size, shuffle=True, generator=generator,
+                            drop_last=len(train) > batch_size)
     model.to(memory_format=torch.channels_last)
+    net = DistributedDataParallel(model) if dist.active() else model
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
     opt = torch.optim.SGD([{"params": decay, "weight_decay": weight_decay},
@@ -114,13 +124,18 @@ def fit(model: nn.Module, train: TensorDataset, epochs: int, lr: float = 0.05,
         torch.set_rng_state(resume.torch_rng)
         log, first = list(resume.log), resume.epoch + 1
     for epoch in range(first, epochs + 1):
+        if sampler is not None:  # per-epoch, per-rank seeds: resumable without saved RNG state
+            sampler.set_epoch(epoch)
+            generator.manual_seed(seed + 1000 * epoch + dist.rank())
+            torch.manual_seed(seed + 1000 * epoch + dist.rank())
         model.train()
         start, seen, total_loss, correct = time.perf_counter(), 0, 0.0, 0
-        bar = tqdm(loader, desc=f"{desc} epoch {epoch}/{epochs}", disable=not progress,
+        bar = tqdm(loader, desc=f"{desc} epoch {epoch}/{epochs}",
+                   disable=not (progress and dist.is_main()),
                    mininterval=1, leave=False, unit="batch")
         for x, y in bar:
             x = augment(x, generator).contiguous(memory_format=torch.channels_last)
-            logits = model(x)
+            logits = net(x)
             loss = F.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -138,7 +153,7 @@ def fit(model: nn.Module, train: TensorDataset, epochs: int, lr: float = 0.05,
         if val is not None:
             entry["val_accuracy"] = evaluate(model, val).accuracy
         log.append(entry)
-        if progress:
+        if progress and dist.is_main():
             tqdm.write(f"{desc} epoch {epoch}/{epochs}: loss {entry['train_loss']:.4f}, "
                        f"train acc {entry['train_accuracy']:.4f}"
                        + (f", val acc {entry['val_accuracy']:.4f}" if val is not None else "")

@@ -25,6 +25,9 @@ def full_pass(model: torch.nn.Module, scoring: ScoringSet) -> Scores:
 class NaiveEngine:
     name = "naive"
 
+    def cache_bytes(self, surgery: Surgery, layer: str, scoring: ScoringSet) -> int:
+        return 0  # keeps nothing between calls
+
     def score(self, surgery: Surgery, units: Sequence[Unit], scoring: ScoringSet,
               advance: Callable[[int], None] = lambda n: None) -> tuple[Scores, Scores]:
         """(base, candidates): tallies of the current network and of it without each unit."""

@@ -1,0 +1,89 @@
+"""More than one process: CAR scoring sharded over torch.distributed ranks.
+
+Scoring is a sum over images, so each rank scores its share of the scoring set and the tallies
+(per-candidate correct counts, per-class counts and summed losses) are all-reduced. Every rank
+then takes the same decision from the same reduced numbers (no broadcast needed: integers are
+exact, and all-reduce hands every rank the same float sums). Rank 0 alone shows progress and
+writes files. Backend: nccl when CUDA is there, gloo on CPU. Launch with torchrun.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .errors import CarpruneError
+from .groups import Surgery, Unit
+from .scoring import Scores, ScoringSet
+
+TIMEOUT_ENV = "CARPRUNE_DIST_TIMEOUT"
+
+
+def init_from_env() -> None:
+    """Join the process group torchrun describes in the environment (no-op when alone)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "600")))
+    dist.init_process_group(backend, timeout=timeout)
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def shard(scoring: ScoringSet) -> ScoringSet:
+    """This rank's batches (every world-th batch): the shards are disjoint and cover the set."""
+    if not active():
+        return scoring
+    mine = scoring.batches[rank()::world()]
+    if not mine:
+        raise CarpruneError(f"the scoring set has {len(scoring.batches)} batches, fewer than the "
+                            f"{world()} processes; use more scoring images or fewer processes")
+    return ScoringSet(mine, scoring.num_classes)
+
+
+def all_reduce(scores: Scores) -> Scores:
+    try:
+        for tensor in (scores.correct, scores.class_correct, scores.loss):
+            dist.all_reduce(tensor)
+        total = torch.tensor([scores.total], dtype=torch.int64)
+        dist.all_reduce(total)
+    except RuntimeError as exc:
+        raise CarpruneError(f"a peer process stopped or timed out during scoring ({exc}); "
+                            "re-run the same command, it resumes from the last saved step") \
+            from None
+    scores.total = int(total)
+    return scores
+
+
+class ShardedEngine:
+    """Wraps an engine: scores this rank's shard, then sums the tallies over all ranks."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.name = f"{engine.name} x{world()} processes"
+
+    def score(self, surgery: Surgery, units: Sequence[Unit], scoring: ScoringSet,
+              advance: Callable[[int], None] = lambda n: None) -> tuple[Scores, Scores]:
+        base, scores = self.engine.score(surgery, units, scoring, advance)
+        return all_reduce(base), all_reduce(scores)
+
+    def cache_bytes(self, surgery: Surgery, layer: str, scoring: ScoringSet) -> int:
+        return self.engine.cache_bytes(surgery, layer, scoring)

@@ -1,0 +1,69 @@
+"""Two processes on localhost (gloo): the same picks and weights as one process; a dead peer
+makes the other fail with a clear message instead of hanging."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch.multiprocessing as mp
+
+ARGS = ["prune", "convnet-fmnist", "--layers", "conv3", "conv1", "--keep", "0.875",
+        "--score-samples", "256", "--finetune-epochs", "0"]
+
+
+def run(out, nproc):
+    prefix = [sys.executable, "-m", "carprune"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc-per-node={nproc}", "-m", "carprune"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([*prefix, *ARGS, "--out", str(out)], capture_output=True, text=True,
+                          timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads((out / "result.json").read_text())
+
+
+@pytest.mark.slow
+def test_two_processes_pick_what_one_process_picks(tmp_path):
+    one = run(tmp_path / "one", 1)
+    two = run(tmp_path / "two", 2)
+    for layer in ("conv3", "conv1"):
+        assert two["layers"][layer]["removed"] == one["layers"][layer]["removed"]
+        for a, b in zip(one["layers"][layer]["steps"], two["layers"][layer]["steps"],
+                        strict=True):
+            assert a["val_accuracy"] == b["val_accuracy"]
+            assert a["car"] == pytest.approx(b["car"], abs=1e-12)
+    assert (tmp_path / "one" / "model.safetensors").read_bytes() == \
+        (tmp_path / "two" / "model.safetensors").read_bytes()
+    assert not any(p.name.startswith(".") for p in (tmp_path / "two").iterdir())
+
+
+def _peer(rank, port, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE="2", CARPRUNE_DIST_TIMEOUT="15")
+    from carprune import CarpruneError
+    from carprune import dist as cdist
+    from carprune.scoring import Scores
+
+    cdist.init_from_env()
+    if rank == 1:
+        os._exit(0)  # dies before the first collective
+    try:
+        cdist.all_reduce(Scores.zeros(2, 10))
+        queue.put("no error")
+    except CarpruneError as exc:
+        queue.put(str(exc))
+
+
+def test_a_dead_peer_is_a_clear_error_not_a_hang():
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = 29500 + os.getpid() % 1000
+    procs = [ctx.Process(target=_peer, args=(r, port, queue)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    message = queue.get(timeout=120)
+    for p in procs:
+        p.join(timeout=60)
+    assert "peer process stopped or timed out" in message and "re-run" in message

@@ -85,7 +85,7 @@ def resign(case, state):
 def test_consistently_written_but_wrong_weights(checkpoint, tmp_path, mutate, words):
     case = tmp_path / "case"
     shutil.copytree(checkpoint, case)
-    state = {k: v.clone() for k, v in cp.load(checkpoint).state_dict().items()}
+    state = {k: v.contiguous().clone() for k, v in cp.load(checkpoint).state_dict().items()}
     resign(case, mutate(state))
     with pytest.raises(cp.CarpruneError, match=words):
         cp.load(case)

@@ -2,12 +2,14 @@
 
 from . import data as data
 from . import models as models
+from .criteria import CARImportance as CARImportance
 from .errors import CarpruneError as CarpruneError
 from .io import build as build
 from .io import load as load
 from .io import save as save
 from .models import create_model as create_model
 from .prune import car_prune as car_prune
+from .prune import global_car_prune as global_car_prune
 from .train import evaluate as evaluate
 from .train import fit as fit
 

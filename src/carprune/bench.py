@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .groups import Surgery, Unit
+from .measure import module_macs
 from .prune import car_prune
 from .scoring import FastEngine, NaiveEngine, ScoringSet, rank
 from .scoring.fast import plan_layer
@@ -38,27 +39,6 @@ class LayerBench:
     @property
     def identical(self) -> bool:
         return self.picks_naive == self.picks_fast
-
-
-def module_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
-    """MACs per image of every conv and linear layer, by name (hooks on one forward pass)."""
-    macs, hooks = {}, []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d):
-            def hook(mod, inp, out, name=name):
-                k = mod.kernel_size[0] * mod.kernel_size[1] * mod.in_channels // mod.groups
-                macs[name] = out[0].numel() * k
-        elif isinstance(m, nn.Linear):
-            def hook(mod, inp, out, name=name):
-                macs[name] = mod.in_features * mod.out_features
-        else:
-            continue
-        hooks.append(m.register_forward_hook(hook))
-    with torch.inference_mode():
-        model.eval()(example[:1])
-    for h in hooks:
-        h.remove()
-    return macs
 
 
 def tail_macs(surgery: Surgery, layer: str, macs: dict[str, int]) -> int:

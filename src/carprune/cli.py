@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from . import dist, runs
+from . import dist, io, runs
 from .criteria import CRITERIA
 from .data import load_data
 from .errors import CarpruneError
@@ -21,19 +21,31 @@ from .scoring import DEFAULT_MEMORY_BUDGET
 
 
 def cmd_prune(args) -> None:
-    runs.prune_run(args.checkpoint, load_data(args.data, args.data_dir), args.layers, args.keep,
-                   args.out, step=args.step, score_samples=args.score_samples,
-                   engine=args.engine, memory_budget_gib=args.memory_budget,
-                   finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
-                   seed=args.seed, criterion=args.criterion, train_samples=args.train_samples,
-                   restart=args.restart)
+    data = load_data(args.data, args.data_dir)
+    if args.model:
+        source = io.from_factory(args.model, args.weights, data, args.trust_pickle)
+    elif args.checkpoint:
+        source = args.checkpoint
+    else:
+        raise CarpruneError("give a checkpoint directory, or --model package.module:factory "
+                            "(with --weights FILE)")
+    if args.target_macs is not None and args.target_params is not None:
+        raise CarpruneError("give one budget: --target-macs or --target-params, not both")
+    target, cost = (args.target_params, "params") if args.target_params is not None \
+        else (args.target_macs, args.cost)
+    runs.prune_run(source, data, args.layers, args.keep, args.out, step=args.step,
+                   score_samples=args.score_samples, engine=args.engine,
+                   memory_budget_gib=args.memory_budget, finetune_epochs=args.finetune_epochs,
+                   finetune_lr=args.finetune_lr, seed=args.seed, criterion=args.criterion,
+                   train_samples=args.train_samples, restart=args.restart, target=target,
+                   cost=cost, min_keep=args.min_keep, ignore=args.ignore, labels=args.labels)
 
 
 def cmd_compare(args) -> None:
     runs.refuse_existing_output(args.out)
     runs.compare_run(args.checkpoint, load_data(args.data, args.data_dir), args.layers,
                      args.criteria, args.out, args.keep_grid, args.retrain_epochs, args.seeds,
-                     args.score_samples)
+                     args.score_samples, args.train_samples)
 
 
 def cmd_explain(args) -> None:
@@ -132,9 +144,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=runs.evaluate_run)
 
     p = sub.add_parser("prune", help="greedy CAR filter pruning, then fine-tuning")
-    p.add_argument("checkpoint", help="checkpoint directory or shipped name (convnet-fmnist)")
+    p.add_argument("checkpoint", nargs="?",
+                   help="checkpoint directory or shipped name (convnet-fmnist)")
+    p.add_argument("--model", default=None,
+                   help="instead of a checkpoint: a factory package.module:function (or a zoo "
+                        "name), e.g. torchvision.models:resnet18")
+    p.add_argument("--weights", default=None,
+                   help="with --model: a safetensors state dict (or, with --trust-pickle, a "
+                        "torch.save file, read with weights_only=True)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow --weights to be a pickle (torch.save) file")
     _data_args(p)
-    p.add_argument("--layers", nargs="+", required=True, help="conv layers, pruned in order")
+    p.add_argument("--layers", nargs="+", default=None,
+                   help="conv layers, pruned in order (with a target: the layers of the "
+                        "global run; default all)")
+    p.add_argument("--target-macs", type=float, default=None,
+                   help="global CAR until this fraction of the original MACs is left")
+    p.add_argument("--target-params", type=float, default=None,
+                   help="global CAR until this fraction of the original parameters is left")
+    p.add_argument("--cost", choices=["macs", "params"], default="macs",
+                   help="what a removal saves, for global CAR's accuracy-per-cost ranking")
+    p.add_argument("--min-keep", type=float, default=0.1,
+                   help="global CAR keeps at least this fraction of every layer (default 0.1)")
+    p.add_argument("--ignore", nargs="+", default=None,
+                   help="layers global CAR must not prune (e.g. the stem)")
+    p.add_argument("--labels", choices=["data", "model"], default="data",
+                   help="score against the labels, or against the unpruned model's "
+                        "predictions (for unlabelled images)")
     p.add_argument("--keep", type=_keep, default=0.5,
                    help="per layer: a fraction in (0, 1) or a count of filters (default 0.5)")
     p.add_argument("--criterion", choices=[c for c in CRITERIA if c != "car-oneshot"],
@@ -170,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3,
                    help="seeds for random and for retraining (spread reported)")
     p.add_argument("--score-samples", type=int, default=None)
+    p.add_argument("--train-samples", type=int, default=None,
+                   help="retrain on the first N training images only (default: all)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_compare)
 

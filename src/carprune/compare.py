@@ -68,7 +68,8 @@ def retrained_accuracy(model: nn.Module, layer: str, removed: list[int], train: 
 
 def compare(model: nn.Module, data, layers: list[str], criteria_names: list[str],
             keep_grid: list[float], retrain_epochs: int = 0, retrain_keep: float = 0.5,
-            seeds: int = 3, scoring=None, progress: bool = True) -> list[Point]:
+            seeds: int = 3, scoring=None, train: TensorDataset | None = None,
+            progress: bool = True) -> list[Point]:
     """Every (layer, criterion, kept) point; random is averaged over `seeds` seeds (min/max
     kept) and retrained points over `seeds` fine-tuning seeds."""
     scoring = ScoringSet.from_any(scoring if scoring is not None else data.val,
@@ -92,7 +93,8 @@ def compare(model: nn.Module, data, layers: list[str], criteria_names: list[str]
         if retrain_epochs > 0:
             kept = max(1, math.floor(retrain_keep * n + 0.5))
             tests = [retrained_accuracy(model, layer, orders[s % len(orders)][:n - kept],
-                                        data.train, data.test, retrain_epochs, seed=s)
+                                        train if train is not None else data.train,
+                                        data.test, retrain_epochs, seed=s)
                      for s in range(seeds)]
             points.append(Point(layer, name, kept, True, float("nan"), sum(tests) / len(tests),
                                 min(tests), max(tests), len(tests)))

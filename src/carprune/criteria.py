@@ -121,3 +121,31 @@ def ranking(criterion: str, surgery: Surgery, layer: str, scoring: ScoringSet,
     scores = importance(criterion, surgery, layer, scoring, seed).tolist()
     alive = surgery.alive[layer]
     return sorted(range(len(scores)), key=lambda i: (scores[i], alive[i]))
+
+
+class CARImportance(tp.importance.Importance):
+    """CAR as a Torch-Pruning importance, for `tp.pruner.BasePruner(..., importance=...)`.
+
+    A channel's importance is the scoring accuracy lost without it (ties: the loss it adds), so
+    Torch-Pruning removes first what costs least. `data`: any iterable of (images, labels)
+    batches, a DataLoader or a TensorDataset. Groups rooted at anything but a conv get None
+    (Torch-Pruning then leaves them alone).
+    """
+
+    def __init__(self, data, num_classes: int | None = None, engine: str = "fast"):
+        self.scoring = ScoringSet.from_any(data, num_classes)
+        self.engine = engine
+
+    @torch.no_grad()
+    def __call__(self, group) -> torch.Tensor | None:
+        root = group[0].dep.target.module
+        if not isinstance(root, torch.nn.Conv2d):
+            return None
+        dg = group._DG
+        surgery = Surgery(dg.model, self.scoring.example(), dg=dg)
+        name = surgery.names[root]
+        units = [Unit(name, int(i)) for i in group[0].root_idxs]
+        base, scores = make_engine(self.engine).score(surgery, units, self.scoring)
+        lost = (base.correct - scores.correct).double()
+        added_loss = (scores.loss - base.loss).double() / self.scoring.total
+        return lost + 1e-6 * torch.sigmoid(added_loss)

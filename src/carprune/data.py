@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from .errors import CarpruneError
@@ -184,6 +185,38 @@ def fashion_mnist(data_dir: str | os.PathLike | None = None, val_per_class: int 
                         val_per_class, seed)
 
 
+def tint(images: np.ndarray, seed: int) -> np.ndarray:
+    """Grey images (N, H, W) -> RGB (N, 3, H, W), each multiplied by its own random colour drawn
+    independently of its label (RGB components uniform in [0.15, 1]), so colour carries no
+    class information by construction."""
+    colours = np.random.default_rng(seed).uniform(0.15, 1.0, size=(len(images), 3, 1, 1))
+    return np.rint(images[:, None].astype(np.float64) * colours).astype(np.uint8)
+
+
+def fashion_mnist_colour(data_dir: str | os.PathLike | None = None, val_per_class: int = 500,
+                         seed: int = 0) -> Data:
+    """Fashion-MNIST with every image tinted by a random colour independent of its class: a
+    controlled case for colour filters (the splits are those of `fashion_mnist`)."""
+    root = data_root(data_dir, DEBIAN_FASHION_MNIST)
+    train_x, train_y = load_idx_pair(root, "train")
+    test_x, test_y = load_idx_pair(root, "test")
+    train_c, test_c = tint(train_x, seed + 1), tint(test_x, seed + 2)
+    x = train_c.reshape(len(train_c), 3, -1) / 255.0
+    mean = tuple(float(m) for m in x.mean((0, 2)))
+    std = tuple(float(v) for v in x.std((0, 2)))
+    rest, held = balanced_split(train_y, val_per_class, seed)
+
+    def make(images, labels):
+        return TensorDataset(normalise(images, mean, std),
+                             torch.as_tensor(labels.astype(np.int64)))
+
+    return Data(name="fashion-mnist-colour", train=make(train_c[rest], train_y[rest]),
+                val=make(train_c[held], train_y[held]), test=make(test_c, test_y),
+                classes=list(FASHION_MNIST_CLASSES), mean=mean, std=std,
+                meta={"root": str(root), "val_seed": seed, "val_per_class": val_per_class,
+                      "tint_seed": seed})
+
+
 def mnist(root: str | os.PathLike, val_per_class: int = 500, seed: int = 0) -> Data:
     """MNIST from user-supplied IDX files (same layout and splits as Fashion-MNIST)."""
     return _idx_dataset("mnist", Path(root), [str(d) for d in range(10)], MNIST_STATS,
@@ -215,6 +248,9 @@ def image_folder(root: str | os.PathLike, size: int = 32, val_fraction: float = 
     presplit = all((root / s).is_dir() for s in ("train", "val", "test"))
     class_dirs = sorted(p for p in (root / "train" if presplit else root).iterdir() if p.is_dir())
     classes = [p.name for p in class_dirs]
+    unlabelled = not classes and any(p.suffix.lower() in IMAGE_SUFFIXES for p in root.iterdir())
+    if unlabelled:  # images without class folders: labels come later (--labels model)
+        classes = ["."]
     if not classes:
         raise CarpruneError(f"{root} has no class folders; lay the images out as "
                             "root/<class>/*.png")
@@ -222,7 +258,7 @@ def image_folder(root: str | os.PathLike, size: int = 32, val_fraction: float = 
     def scan(base: Path) -> tuple[list[Path], list[int]]:
         paths, labels = [], []
         for label, name in enumerate(classes):
-            folder = base / name
+            folder = base / name  # "." (unlabelled) is the folder itself
             files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) \
                 if folder.is_dir() else []
             paths += files
@@ -247,19 +283,35 @@ def image_folder(root: str | os.PathLike, size: int = 32, val_fraction: float = 
                  "train": order[n_val + n_test:]}
         splits = {s: make([paths[i] for i in idx], [labels[i] for i in idx])
                   for s, idx in parts.items()}
-    return Data(name=f"folder:{root}", classes=classes, mean=stats[0], std=stats[1],
-                meta={"root": str(root)}, **splits)
+    return Data(name=f"folder:{root}", classes=["unlabelled"] if unlabelled else classes,
+                mean=stats[0], std=stats[1], meta={"root": str(root), "unlabelled": unlabelled},
+                **splits)
+
+
+def check_fits(model: nn.Module, data) -> None:
+    """Refuse data whose image shape or class count does not match the model."""
+    shape = getattr(model, "carprune_spec", {}).get("input_shape")
+    if shape and list(data.input_shape) != list(shape):
+        raise CarpruneError(f"the data's images are {list(data.input_shape)} but the model "
+                            f"takes {shape}; use the data set the model was trained on")
+    with torch.inference_mode():
+        out = model.eval()(data.val.tensors[0][:2])
+    if out.shape[-1] != data.num_classes and not data.meta.get("unlabelled"):
+        raise CarpruneError(f"the model predicts {out.shape[-1]} classes but the data has "
+                            f"{data.num_classes}; use the data set the model was trained on")
 
 
 def load_data(name: str, data_dir: str | os.PathLike | None = None) -> Data:
     """The CLI's door: `fashion-mnist`, `mnist` (needs --data-dir) or a path to an image folder."""
     if name == "fashion-mnist":
         return fashion_mnist(data_dir)
+    if name == "fashion-mnist-colour":
+        return fashion_mnist_colour(data_dir)
     if name == "mnist":
         if data_dir is None and not os.environ.get("CARPRUNE_DATA"):
             raise CarpruneError("mnist needs its IDX files; pass --data-dir FOLDER")
         return mnist(data_root(data_dir, Path(".")))
     if Path(name).is_dir():
         return image_folder(name)
-    raise CarpruneError(f"unknown data set {name!r}; use fashion-mnist, mnist (with --data-dir) "
-                        "or the path of an image folder")
+    raise CarpruneError(f"unknown data set {name!r}; use fashion-mnist, fashion-mnist-colour, "
+                        "mnist (with --data-dir) or the path of an image folder")

@@ -35,7 +35,7 @@ class Unit:
     channel: int
 
 
-def _is_depthwise(m: nn.Module) -> bool:
+def is_depthwise(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and m.groups == m.in_channels == m.out_channels > 1
 
 
@@ -59,12 +59,14 @@ class Surgery:
     """
 
     def __init__(self, model: nn.Module, example_inputs: torch.Tensor,
-                 prior_history: list | None = None):
+                 prior_history: list | None = None, dg: tp.DependencyGraph | None = None):
         self.model = model.eval().to(memory_format=torch.channels_last)  # ~2x faster on CPU
         self.example_inputs = example_inputs
-        self.dg = tp.DependencyGraph().build_dependency(model, example_inputs, verbose=False)
+        self.dg = dg or tp.DependencyGraph().build_dependency(model, example_inputs,
+                                                              verbose=False)
         self.prior_history = list(prior_history or [])
         self.modules = dict(model.named_modules())
+        self.names = {m: n for n, m in self.modules.items()}
         self.alive: dict[str, list[int]] = {
             name: list(range(m.out_channels)) for name, m in self.modules.items()
             if isinstance(m, nn.Conv2d)}
@@ -75,7 +77,7 @@ class Surgery:
     def conv_layers(self) -> list[str]:
         """Layers whose filters can be pruned: convs with a dependency group, not depthwise."""
         return [n for n, m in self.modules.items()
-                if isinstance(m, nn.Conv2d) and not _is_depthwise(m) and m in self.dg.module2node]
+                if isinstance(m, nn.Conv2d) and not is_depthwise(m) and m in self.dg.module2node]
 
     def check_layer(self, name: str) -> nn.Conv2d:
         if name not in self.modules:
@@ -113,7 +115,7 @@ class Surgery:
         for dep, idxs in self.unit_group(layer, channel):
             m = dep.target.module
             is_out = self.dg.is_out_channel_pruning_fn(dep.handler)
-            if isinstance(m, (nn.Conv2d, nn.Linear)) and (is_out or _is_depthwise(m)) \
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and (is_out or is_depthwise(m)) \
                     or isinstance(m, _NORMS) and getattr(m, "affine", True):
                 out += [(p, list(idxs)) for p in (m.weight, m.bias) if p is not None]
         return out
@@ -125,7 +127,7 @@ class Surgery:
         for dep, idxs in self.unit_group(layer, channel):
             m = dep.target.module
             if isinstance(m, (nn.Conv2d, nn.Linear)) and self.dg.is_in_channel_pruning_fn(
-                    dep.handler) and not _is_depthwise(m):
+                    dep.handler) and not is_depthwise(m):
                 out.append((names[m], list(idxs)))
         return out
 
@@ -134,7 +136,7 @@ class Surgery:
         producing = [dep.target.module for dep, _ in self.unit_group(layer, 0)
                      if isinstance(dep.target.module, (nn.Conv2d, nn.Linear))
                      and (self.dg.is_out_channel_pruning_fn(dep.handler)
-                          or _is_depthwise(dep.target.module))]
+                          or is_depthwise(dep.target.module))]
         return len(set(map(id, producing))) > 1
 
     # -- operations -------------------------------------------------------------------------
@@ -165,11 +167,11 @@ class Surgery:
         for dep, idxs in group:
             m = dep.target.module
             if isinstance(m, nn.Conv2d) and (self.dg.is_out_channel_pruning_fn(dep.handler)
-                                             or _is_depthwise(m)):
-                name = next(n for n, mod in self.modules.items() if mod is m)
-                touched[name] = sorted(set(idxs))
+                                             or is_depthwise(m)):
+                touched[self.names[m]] = sorted(set(idxs))
         original = [self.alive[layer][c] for c in channels]
         group.prune()
+        self.model.to(memory_format=torch.channels_last)  # pruned weights come back dense NCHW
         self._groups.clear()
         for name, idxs in touched.items():
             gone = set(idxs)

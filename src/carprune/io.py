@@ -112,7 +112,10 @@ def save(model: nn.Module, out_dir: str | os.PathLike, extra: dict | None = None
 
 
 def load(path: str | os.PathLike) -> nn.Module:
-    """Rebuild a saved model from model.json + model.safetensors; never unpickles anything."""
+    """Rebuild a saved model from model.json + model.safetensors; never unpickles anything.
+
+    The model comes back in channels_last layout, the one carprune computes in, so its outputs
+    are bit-identical to those of the saved model at the end of a run."""
     directory = resolve_checkpoint(path)
     spec = read_json(directory / "model.json")
     if not isinstance(spec, dict):
@@ -141,8 +144,9 @@ def load(path: str | os.PathLike) -> nn.Module:
     model = build(spec)
     check_state_fits(model, state, weights_path)
     model.load_state_dict(state, strict=True)
-    model.eval()
-    return model
+    # the layout every carprune run computes in (about twice as fast on CPU), so a reloaded
+    # model gives bit-identical outputs to the one that was saved
+    return model.eval().to(memory_format=torch.channels_last)
 
 
 _PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
@@ -183,6 +187,20 @@ def read_weights(path: str | os.PathLike, trust_pickle: bool = False) -> dict[st
         raise CarpruneError(f"{path} does not hold a state dict of tensors; save "
                             "model.state_dict()")
     return state
+
+
+def from_factory(name: str, weights: str | os.PathLike | None, data,
+                 trust_pickle: bool = False) -> nn.Module:
+    """A model from a zoo name or `package.module:function` factory, with optional weights, and
+    the spec that lets `save` and `load` rebuild it (for the data's input shape)."""
+    model = create_model(name)
+    if weights is not None:
+        state = read_weights(weights, trust_pickle)
+        check_state_fits(model, state, weights)
+        model.load_state_dict(state, strict=True)
+    model.carprune_spec = {"arch": {"name": name, "kwargs": {}},
+                           "input_shape": list(data.input_shape), "data": data.describe()}
+    return model.eval()
 
 
 def _architecture_sha(spec: dict) -> str:

@@ -10,11 +10,62 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from .errors import CarpruneError
+from .groups import _NORMS, Surgery, is_depthwise
+
 
 def macs_params(model: nn.Module, input_shape: Sequence[int]) -> tuple[int, int]:
     """Multiply-accumulates for one image, and parameter count."""
     macs, params = tp.utils.count_ops_and_params(model, torch.zeros(1, *input_shape))
     return int(macs), int(params)
+
+
+def module_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    """MACs per image of every conv and linear layer, by name (hooks on one forward pass)."""
+    macs, hooks = {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            def hook(mod, inp, out, name=name):
+                k = mod.kernel_size[0] * mod.kernel_size[1] * mod.in_channels // mod.groups
+                macs[name] = out[0].numel() * k
+        elif isinstance(m, nn.Linear):
+            def hook(mod, inp, out, name=name):
+                macs[name] = mod.in_features * mod.out_features
+        else:
+            continue
+        hooks.append(m.register_forward_hook(hook))
+    with torch.inference_mode():
+        model.eval()(example[:1])
+    for h in hooks:
+        h.remove()
+    return macs
+
+
+def unit_costs(surgery: Surgery, layer: str, kind: str = "macs") -> list[float]:
+    """What removing each unit of `layer` saves: MACs per image or parameters, summed over its
+    whole dependency group (its producers' output channels and its consumers' inputs)."""
+    if kind not in ("macs", "params"):
+        raise CarpruneError(f"unknown cost {kind!r}; use macs or params")
+    macs = module_macs(surgery.model, surgery.example_inputs) if kind == "macs" else {}
+    costs = []
+    for channel in range(surgery.size(layer)):
+        total = 0.0
+        for dep, idxs in surgery.unit_group(layer, channel):
+            m = dep.target.module
+            if isinstance(m, _NORMS) and kind == "params":
+                total += 2 * len(idxs)
+            if not isinstance(m, (nn.Conv2d, nn.Linear)):
+                continue
+            produces = surgery.dg.is_out_channel_pruning_fn(dep.handler) or is_depthwise(m)
+            width = m.weight.shape[0] if produces else m.weight.shape[1] * getattr(m, "groups", 1)
+            share = len(idxs) / width
+            if kind == "macs":
+                total += macs[surgery.names[m]] * share
+            else:
+                total += m.weight.numel() * share
+                total += len(idxs) if produces and m.bias is not None else 0
+        costs.append(total)
+    return costs
 
 
 @torch.inference_mode()

@@ -184,3 +184,120 @@ def _lefts(n: int, target: int, step: int):
     while n > target:
         yield n
         n -= min(step, n - target)
+
+
+@dataclass
+class GlobalStep:
+    layer: str                  # the unit's layer (the first layer of a coupled group)
+    removed: list[int]          # original indices removed at this step
+    car: float                  # accuracy lost without it (fraction of the scoring set)
+    cost: float                 # MACs or parameters its removal saved
+    val_accuracy: float         # scoring accuracy after the removal
+    remaining: float            # the budgeted quantity left, as a fraction of the original
+
+
+def group_leaders(surgery: Surgery, layers: Sequence[str]) -> list[str]:
+    """One layer per dependency group: coupled layers (a residual stage) are one set of units."""
+    leaders, seen = [], set()
+    for name in layers:
+        producers = frozenset(id(dep.target.module) for dep, _ in surgery.unit_group(name, 0)
+                              if isinstance(dep.target.module, nn.Conv2d))
+        if producers not in seen:
+            seen.add(producers)
+            leaders.append(name)
+    return leaders
+
+
+def global_car_prune(model: nn.Module, data, target: float, layers: Sequence[str] | None = None,
+                     cost: str = "macs", min_keep: float = 0.1, step: int = 1,
+                     ignore: Sequence[str] = (), engine: str = "fast",
+                     memory_budget: int = DEFAULT_MEMORY_BUDGET, num_classes: int | None = None,
+                     progress: bool = True, inplace: bool = False) -> tuple[PruneResult,
+                                                                            list[GlobalStep]]:
+    """Global CAR under a budget: every step scores the units of all `layers` (default: every
+    prunable conv) and removes the one that loses the least scoring accuracy per MAC (or
+    parameter) it saves, until the network has `target` (a fraction) of the original left.
+
+    Guard rails: each layer keeps at least `min_keep` of its filters, and never none.
+    """
+    from .measure import macs_params, unit_costs
+
+    if not 0 < target < 1:
+        raise CarpruneError(f"the target must be a fraction in (0, 1) of the original "
+                            f"{cost}, got {target}")
+    if not 0 <= min_keep < 1:
+        raise CarpruneError(f"--min-keep must be a fraction in [0, 1), got {min_keep}")
+    start = time.perf_counter()
+    model = model if inplace else copy.deepcopy(model)
+    scoring = ScoringSet.from_any(data, num_classes)
+    prior = getattr(model, "carprune_spec", {}).get("pruning_history", [])
+    surgery = Surgery(model.eval(), scoring.example(), prior_history=prior)
+    for name in ignore:
+        surgery.check_layer(name)
+    chosen_layers = [n for n in (layers or surgery.conv_layers()) if n not in set(ignore)]
+    check_layers(surgery, chosen_layers)
+    leaders = group_leaders(surgery, chosen_layers)
+    floors = {n: max(1, math.ceil(min_keep * surgery.size(n))) for n in leaders}
+    records = {n: LayerRecord(surgery.size(n), surgery.size(n)) for n in leaders}
+    shape = scoring.example().shape[1:]
+    which = 0 if cost == "macs" else 1
+    original = macs_params(model, shape)[which]
+    scorer = make_engine(engine, memory_budget)
+    if dist.active():
+        scoring, scorer = dist.shard(scoring), dist.ShardedEngine(scorer)
+    steps: list[GlobalStep] = []
+    pending: list[GlobalStep] = []  # this round's steps, until the next pass measures them
+    left = 1.0
+    bar = tqdm(total=round(100 * (1 - target)), desc=f"global CAR to {target:.0%} {cost}",
+               unit="%", disable=not (progress and dist.is_main()))
+    val_before = None
+    while left > target:
+        units = [Unit(n, c) for n in leaders if surgery.size(n) > floors[n]
+                 for c in range(surgery.size(n))]
+        if not units:
+            warnings.warn(f"every layer is at its --min-keep floor with {left:.1%} of the "
+                          f"{cost} left, short of the target {target:.0%}; lower --min-keep",
+                          stacklevel=2)
+            break
+        base, scores = scorer.score(surgery, units, scoring)
+        base_acc = float(base.accuracy()[0])
+        val_before = base_acc if val_before is None else val_before
+        for st in pending:
+            st.val_accuracy = base_acc
+        pending = []
+        costs = [c for n in leaders if surgery.size(n) > floors[n]
+                 for c in unit_costs(surgery, n, cost)]
+        quantum = (float(scores.loss.abs().max()) or 1.0) * 1e-6
+        keys = [((int(base.correct[0]) - int(scores.correct[i])) / costs[i],
+                 round((float(scores.loss[i]) - float(base.loss[0])) / quantum) / costs[i],
+                 leaders.index(u.layer), surgery.alive[u.layer][u.channel])
+                for i, u in enumerate(units)]
+        picked: dict[str, list[int]] = {}
+        for i in sorted(range(len(units)), key=keys.__getitem__):
+            u = units[i]
+            if sum(map(len, picked.values())) == step:
+                break
+            if surgery.size(u.layer) - len(picked.get(u.layer, [])) > floors[u.layer]:
+                picked.setdefault(u.layer, []).append(u.channel)
+        for name, channels in picked.items():
+            saved = sum(costs[units.index(Unit(name, c))] for c in channels)
+            car = sum(int(base.correct[0]) - int(scores.correct[units.index(Unit(name, c))])
+                      for c in channels) / scoring.total
+            removed = surgery.remove(name, channels)
+            records[name].removed += removed
+            records[name].filters_after = surgery.size(name)
+            now = macs_params(model, shape)[which] / original
+            pending.append(GlobalStep(name, removed, car, saved, float("nan"), now))
+            steps.append(pending[-1])
+            bar.update(round(100 * (left - now)))
+            left = now
+    bar.close()
+    val_after = float(scorer.score(surgery, [], scoring)[0].accuracy()[0])
+    for st in pending:
+        st.val_accuracy = val_after
+    spec = dict(getattr(model, "carprune_spec", {}))
+    spec["pruning_history"] = surgery.history()
+    model.carprune_spec = spec
+    result = PruneResult(model, records, val_before if val_before is not None else val_after,
+                         val_after, time.perf_counter() - start, scorer.name)
+    return result, steps

@@ -3,21 +3,24 @@ the outputs. The CLI (`cli.py`) only parses; notebooks and the demo call these d
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import shlex
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from . import dist, io
 from .criteria import CRITERIA
-from .data import load_data
+from .data import check_fits, load_data
 from .errors import CarpruneError
 from .groups import Surgery
 from .measure import speed_report
 from .models import create_model
-from .prune import car_prune, check_layers, criterion_prune, resolve_keep
+from .prune import car_prune, check_layers, criterion_prune, global_car_prune, resolve_keep
 from .resume import RunState
 from .scoring import DEFAULT_MEMORY_BUDGET, ScoringSet
 from .train import evaluate, fit
@@ -34,19 +37,6 @@ def table(rows: list[list], header: list[str]) -> str:
 
 def command_line() -> str:
     return "carprune " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-
-
-def check_fits(model: torch.nn.Module, data) -> None:
-    """Refuse data whose image shape or class count does not match the model."""
-    shape = getattr(model, "carprune_spec", {}).get("input_shape")
-    if shape and list(data.input_shape) != list(shape):
-        raise CarpruneError(f"the data's images are {list(data.input_shape)} but the model "
-                            f"takes {shape}; use the data set the model was trained on")
-    with torch.inference_mode():
-        out = model.eval()(data.val.tensors[0][:2])
-    if out.shape[-1] != data.num_classes:
-        raise CarpruneError(f"the model predicts {out.shape[-1]} classes but the data has "
-                            f"{data.num_classes}; use the data set the model was trained on")
 
 
 def refuse_existing_output(out: str) -> None:
@@ -66,6 +56,39 @@ def scoring_subset(data, n: int | None):
 
 
 # -- commands -----------------------------------------------------------------------------
+
+def model_labels(model: torch.nn.Module, dataset):
+    """The same images labelled by the model's own predictions (CAR as loss of agreement)."""
+    with torch.inference_mode():
+        x = dataset.tensors[0]
+        preds = torch.cat([model.eval()(x[i:i + 256]).argmax(1) for i in range(0, len(x), 256)])
+    return torch.utils.data.TensorDataset(x, preds)
+
+
+def relabelled(data, model: torch.nn.Module):
+    """Every split labelled by the model's predictions: accuracies then read as agreement with
+    the unpruned network, and fine-tuning distils toward it."""
+    with torch.inference_mode():
+        classes = model.eval()(data.val.tensors[0][:1]).shape[-1]
+    return dataclasses.replace(
+        data, train=model_labels(model, data.train), val=model_labels(model, data.val),
+        test=model_labels(model, data.test), classes=[str(c) for c in range(classes)],
+        meta={**data.meta, "unlabelled": False, "labels": "model"})
+
+
+def agreement(original: torch.nn.Module, pruned: torch.nn.Module, dataset) -> float:
+    """Share of images on which the pruned network predicts what the original predicts."""
+    return evaluate(pruned, model_labels(original, dataset)).accuracy
+
+
+def training_subset(data, n: int | None):
+    """The first n training images (the split is in random order), or all."""
+    if n is None:
+        return data.train
+    if n <= 0:
+        raise CarpruneError(f"--train-samples must be positive, got {n}")
+    return torch.utils.data.TensorDataset(*[t[:n] for t in data.train.tensors])
+
 
 def train_run(args) -> None:
     """`carprune train`: fit a zoo model and write a checkpoint with the command that made it."""
@@ -111,35 +134,67 @@ def evaluate_run(args) -> None:
                                                         strict=True))})
 
 
-def prune_run(checkpoint: str, data, layers: list[str], keep: float, out: str,
+def prune_run(checkpoint, data, layers: list[str] | None, keep: float, out: str,
               step: int = 1, score_samples: int | None = None, engine: str = "fast",
               memory_budget_gib: float = DEFAULT_MEMORY_BUDGET / 2**30,
               finetune_epochs: int = 2, finetune_lr: float = 0.01, seed: int = 0,
               criterion: str = "car", train_samples: int | None = None,
-              restart: bool = False) -> dict:
+              restart: bool = False, target: float | None = None, cost: str = "macs",
+              min_keep: float = 0.1, ignore: list[str] | None = None,
+              labels: str = "data") -> dict:
     """Check everything, prune, fine-tune, write DIR; returns result.json's content.
 
+    checkpoint: a checkpoint directory, a shipped name, or a model (e.g. from a factory).
+    target: a fraction of the original `cost` (macs or params) for global CAR over `layers`
+    (default: every prunable conv); without it, each of `layers` is pruned to `keep`.
+    labels: "data", or "model" to score against the unpruned network's own predictions.
     State is kept in DIR after every CAR step and fine-tuning epoch: the same call on the same
     DIR resumes an interrupted run (see resume.py)."""
-    model = io.load(checkpoint)
+    model = checkpoint if isinstance(checkpoint, torch.nn.Module) else io.load(checkpoint)
+    source = "a model given in Python" if isinstance(checkpoint, torch.nn.Module) \
+        else str(checkpoint)
     check_fits(model, data)
-    check_layers(Surgery(model, data.val.tensors[0][:1]), layers)
-    for name in layers:
-        resolve_keep(keep, dict(model.named_modules())[name].out_channels, name)
+    surgery = Surgery(copy.deepcopy(model), data.val.tensors[0][:1])
+    if target is None:
+        if not layers:
+            raise CarpruneError("name the layers to prune with --layers, or give --target-macs "
+                                "or --target-params for a global run")
+        check_layers(surgery, layers)
+        for name in layers:
+            resolve_keep(keep, surgery.size(name), name)
+    elif layers:
+        check_layers(surgery, layers)
+    if labels not in ("data", "model"):
+        raise CarpruneError(f"--labels takes data or model, got {labels!r}")
+    if data.meta.get("unlabelled"):
+        if labels != "model":
+            raise CarpruneError("the image folder has no class folders, so its images have no "
+                                "labels; add --labels model to score (and fine-tune) against "
+                                "the unpruned network's own predictions")
+        data = relabelled(data, model)
     scoring = scoring_subset(data, score_samples)
-    train = data.train if train_samples is None else \
-        torch.utils.data.TensorDataset(*[t[:train_samples] for t in data.train.tensors])
-    config = {"checkpoint": str(checkpoint), "weights": model.carprune_spec["weights_sha256"],
-              "data": data.name, "val_images": len(data.val), "layers": list(layers),
+    if labels == "model":
+        scoring = model_labels(model, scoring)
+    train = training_subset(data, train_samples)
+    config = {"checkpoint": source, "weights": model.carprune_spec.get("weights_sha256"),
+              "data": data.name, "val_images": len(data.val), "layers": list(layers or []),
               "keep": keep, "step": step, "score_samples": len(scoring), "engine": engine,
               "criterion": criterion, "finetune_epochs": finetune_epochs,
-              "finetune_lr": finetune_lr, "train_samples": len(train), "seed": seed}
+              "finetune_lr": finetune_lr, "train_samples": len(train), "seed": seed,
+              "target": target, "cost": cost, "min_keep": min_keep, "ignore": ignore or [],
+              "labels": labels}
     state = RunState.open(out, config, restart)
     shape = data.input_shape
     before = speed_report(model, shape)
     test_before = evaluate(model, data.test, data.num_classes).accuracy
     val_before = evaluate(model, data.val, data.num_classes).accuracy
-    if criterion == "car":
+    global_steps = None
+    if target is not None:
+        result, global_steps = global_car_prune(
+            model, scoring, target, layers=layers, cost=cost, min_keep=min_keep, step=step,
+            ignore=ignore or (), engine=engine, memory_budget=int(memory_budget_gib * 2**30),
+            num_classes=data.num_classes)
+    elif criterion == "car":
         result = car_prune(model, scoring, layers, keep=keep, step=step, engine=engine,
                            memory_budget=int(memory_budget_gib * 2**30),
                            num_classes=data.num_classes, done=state.layers(),
@@ -150,6 +205,7 @@ def prune_run(checkpoint: str, data, layers: list[str], keep: float, out: str,
     pruned = result.model
     test_pruned = evaluate(pruned, data.test, data.num_classes).accuracy
     val_pruned = evaluate(pruned, data.val, data.num_classes).accuracy
+    agree_pruned = agreement(model, pruned, data.val)
     start = time.perf_counter()
     fit(pruned, train, finetune_epochs, lr=finetune_lr, seed=seed, desc="fine-tune",
         resume=state.training(pruned),
@@ -173,6 +229,11 @@ def prune_run(checkpoint: str, data, layers: list[str], keep: float, out: str,
                      "val_pruned": val_pruned},
         "layers": result.to_json(),
     }
+    if global_steps is not None:
+        summary["global"] = {"target": target, "cost": cost, "min_keep": min_keep,
+                             "steps": [asdict(st) for st in global_steps]}
+    summary["accuracy"]["val_agreement_pruned"] = agree_pruned
+    summary["accuracy"]["val_agreement_finetuned"] = agreement(model, pruned, data.val)
     state.finish()
     if not dist.is_main():
         return summary
@@ -188,7 +249,10 @@ def prune_run(checkpoint: str, data, layers: list[str], keep: float, out: str,
                   f"{before['latency_ms_batch1']:.2f} / {before['latency_ms_batch64']:.1f}",
                   f"{after['latency_ms_batch1']:.2f} / {after['latency_ms_batch64']:.1f}"],
                  ["test accuracy", f"{test_before:.4f}",
-                  f"{test_pruned:.4f} pruned / {test_finetuned:.4f} fine-tuned"]],
+                  f"{test_pruned:.4f} pruned / {test_finetuned:.4f} fine-tuned"],
+                 ["val agreement with the original", "1.0000",
+                  f"{agree_pruned:.4f} pruned / "
+                  f"{summary['accuracy']['val_agreement_finetuned']:.4f} fine-tuned"]],
                 ["", "before", "after"]))
     print(f"CAR took {result.seconds:.1f} s ({result.engine} engine), fine-tuning "
           f"{finetune_seconds:.1f} s; written to {out}")
@@ -235,7 +299,7 @@ def bench_run(args) -> None:
 
 def compare_run(checkpoint: str, data, layers: list[str], criteria_names: list[str], out: str,
                 keep_grid: list[float], retrain_epochs: int = 0, seeds: int = 3,
-                score_samples: int | None = None) -> dict:
+                score_samples: int | None = None, train_samples: int | None = None) -> dict:
     """Check, run the comparison, write compare.csv, compare.json and one PNG per layer."""
     from . import compare
 
@@ -250,9 +314,12 @@ def compare_run(checkpoint: str, data, layers: list[str], criteria_names: list[s
         raise CarpruneError("--keep-grid takes fractions in (0, 1], e.g. 1.0,0.75,0.5,0.25")
     points = compare.compare(model, data, layers, criteria_names, keep_grid,
                              retrain_epochs=retrain_epochs, seeds=seeds,
-                             scoring=scoring_subset(data, score_samples))
+                             scoring=scoring_subset(data, score_samples),
+                             train=training_subset(data, train_samples))
     sizes = {name: m.out_channels for name, m in model.named_modules() if name in layers}
     summary = {"command": command_line(), "checkpoint": str(checkpoint),
+               "retrain": {"epochs": retrain_epochs, "seeds": seeds,
+                           "train_images": len(training_subset(data, train_samples))},
                "keep_0.5": compare.margins(points, 0.5, sizes),
                "keep_0.5_retrained": compare.margins(points, 0.5, sizes, retrained=True)}
     out_dir = Path(out)

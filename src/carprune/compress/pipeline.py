@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from .. import io
+from ..data import check_fits
 from ..errors import CarpruneError
 from ..train import evaluate, fit
 from .carz import load_carz, record_sizes, write_carz
@@ -51,6 +52,7 @@ def prune_weights(model: nn.Module, sparsity: float, scope: str = "layer",
     ranks all weights together, which only makes sense where weight scales are comparable (a
     conv followed by BatchNorm has an arbitrary scale).
     """
+    model.to(memory_format=torch.contiguous_format)  # torch.nn.utils.prune views weights flat
     layers = weight_layers(model)
     if scope == "global":
         if layer_sparsity:
@@ -89,18 +91,6 @@ def sparse_bytes(weight: torch.Tensor, value_bits: int, index_bits: int) -> int:
 
 def dense_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def _check_fits(model: nn.Module, data) -> None:
-    shape = list(io.spec_of(model).get("input_shape") or data.input_shape)
-    if list(data.input_shape) != shape:
-        raise CarpruneError(f"the data's images are {list(data.input_shape)} but the model "
-                            f"takes {shape}; use the data set the model was trained on")
-    with torch.inference_mode():
-        classes = model.eval()(data.test.tensors[0][:2]).shape[-1]
-    if classes != data.num_classes:
-        raise CarpruneError(f"the model predicts {classes} classes but the data has "
-                            f"{data.num_classes}; use the data set the model was trained on")
 
 
 def _baseline_model(source: Path, model: nn.Module,
@@ -144,7 +134,7 @@ def compress_run(checkpoint_or_run_dir: str | os.PathLike, data, out: str | os.P
         raise CarpruneError(f"--finetune-epochs must be 0 or more, got {finetune_epochs}")
     source = io.resolve_checkpoint(checkpoint_or_run_dir)
     model = io.load(source)
-    _check_fits(model, data)
+    check_fits(model, data)
     modules = weight_layers(model)
     names = list(modules)
     sparsity = per_layer(weight_sparsity, layer_sparsity, names, "sparsity")

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .. import io
-from ..data import Data
+from ..data import Data, check_fits
 from ..errors import CarpruneError
 from ..groups import Surgery
 from ..prune import check_layers
@@ -86,7 +86,7 @@ def removal_orders(prune_run, model: nn.Module, layers: Sequence[str]) -> dict[s
 
 def _validated(checkpoint_or_model, data: Data, layers: Sequence[str], out, prune_run,
                score_samples: int | None, engine: str, top_k: int):
-    from ..runs import check_fits, refuse_existing_output, scoring_subset
+    from ..runs import refuse_existing_output, scoring_subset
 
     if not isinstance(data, Data):
         raise CarpruneError("explain_run needs a carprune Data (e.g. carprune.data."

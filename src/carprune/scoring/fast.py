@@ -35,7 +35,7 @@ from ._common import Scores, ScoringSet
 from .naive import NaiveEngine
 
 DEFAULT_MEMORY_BUDGET = 2 * 2**30
-TAIL_BATCH_BYTES = 32 * 2**20
+TAIL_BATCH_BYTES = 16 * 2**20
 
 
 @dataclass
@@ -143,38 +143,72 @@ def plan_layer(surgery: Surgery, layer: str) -> _Plan | None:
     for n in tail_nodes:
         env[n] = tail_graph.node_copy(n, env.__getitem__)
 
+    tail = fx.GraphModule(traced, tail_graph)
+    _pool_before_relu(tail)
+
     def in_index(channel: int) -> list[int]:
         return surgery.consumers(layer, channel)[0][1]
 
-    return _Plan(head, fx.GraphModule(traced, tail_graph), consumer, norm, in_index)
+    return _Plan(head, tail, consumer, norm, in_index)
 
 
-def _columns(consumer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The consumer's input arranged per input index: im2col patches (B, C, kh*kw, L) for a
-    conv, the flattened features (B, F) for a linear layer. Computed once per batch."""
+def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), nn.ReLU)
+    return node.op == "call_function" and node.target in (torch.relu, F.relu)
+
+
+def _pool_before_relu(tail: fx.GraphModule) -> None:
+    """Rewrite relu -> maxpool as maxpool -> relu: the same numbers exactly (max commutes with a
+    non-decreasing function), with the relu on the pooled, 4x smaller tensor."""
+    modules = dict(tail.named_modules())
+    for relu in list(tail.graph.nodes):
+        if not _is_relu(relu, modules) or len(relu.users) != 1:
+            continue
+        pool = next(iter(relu.users))
+        if not (pool.op == "call_module" and isinstance(modules.get(pool.target), nn.MaxPool2d)
+                and pool.args[0] is relu):
+            continue
+        users = list(pool.users)
+        pool.args = (relu.args[0], *pool.args[1:])
+        pool.append(relu)
+        relu.args = (pool, *relu.args[1:])
+        for user in users:
+            user.replace_input_with(pool, relu)
+    tail.graph.lint()
+    tail.recompile()
+
+
+def _columns(consumer: nn.Module, x: torch.Tensor, z: torch.Tensor):
+    """Per batch, once: the consumer's input arranged per input index, and its output z laid out
+    for subtraction. Conv: im2col patches (C, B*L, kh*kw) and z as (1, B*L, C'); linear: the
+    flattened features (B, F) and z itself."""
     if isinstance(consumer, nn.Conv2d):
         kh, kw = consumer.kernel_size
         cols = F.unfold(x, (kh, kw), consumer.dilation, consumer.padding, consumer.stride)
-        return cols.view(x.shape[0], -1, kh * kw, cols.shape[-1])
-    return x.reshape(x.shape[0], -1)
+        b, length = x.shape[0], cols.shape[-1]
+        cols = cols.view(b, -1, kh * kw, length).permute(1, 0, 3, 2).reshape(-1, b * length,
+                                                                               kh * kw)
+        return cols, z.permute(0, 2, 3, 1).reshape(1, b * length, z.shape[1])
+    return x.reshape(x.shape[0], -1), z
 
 
-def _without(weight: torch.Tensor, cols: torch.Tensor, z: torch.Tensor,
+def _without(weight: torch.Tensor, cols: torch.Tensor, zl: torch.Tensor, z: torch.Tensor,
              idx: torch.Tensor) -> torch.Tensor:
     """The consumer's output without each candidate's input indices (rows of idx, (K, m)):
     z - consumer_i(x_i) for every candidate, as one (K*B, *z.shape[1:]) batch."""
     k, m = idx.shape
     b = z.shape[0]
-    if cols.ndim == 4:
+    if cols.ndim == 3:
         # one batched matmul per chunk, z - cols_k @ W_k, laid out (K, B, H', W', C') so the
         # result is already a channels_last batch for the tail
-        kk, length = cols.shape[2:]
+        positions, kk = cols.shape[1:]
+        ck = cols[idx.reshape(-1)]                                           # (K*m, B*L, kk)
+        if m > 1:
+            ck = ck.view(k, m, positions, kk).transpose(1, 2).reshape(k, positions, m * kk)
         c_out = weight.shape[0]
-        ck = cols[:, idx.reshape(-1)].view(b, k, m * kk, length).permute(1, 0, 3, 2)
-        ck = ck.reshape(k, b * length, m * kk)
         w = weight[:, idx.reshape(-1)].reshape(c_out, k, m * kk).permute(1, 2, 0)
-        zl = z.permute(0, 2, 3, 1).reshape(1, b * length, c_out)
-        out = torch.baddbmm(zl, ck, w, alpha=-1)                             # (K, B*L, C')
+        out = torch.baddbmm(zl, ck.view(k, positions, m * kk), w, alpha=-1)  # (K, B*L, C')
         return out.view(k * b, *z.shape[2:], c_out).permute(0, 3, 1, 2)
     contrib = torch.einsum("bkm,ckm->kbc", cols[:, idx], weight[:, idx])
     return (z.unsqueeze(0) - contrib).reshape(k * b, -1)
@@ -234,7 +268,9 @@ class FastEngine:
         cache = self._caches.get(layer)
         if cache is not None and all(name == layer
                                      for name, _ in surgery.removals[cache.removals:]):
-            keep = sorted(i for o in alive for i in cache.feeds[cache.alive.index(o)])
+            gone = {i for pos, o in enumerate(cache.alive) if o not in alive
+                    for i in cache.feeds[pos]}  # X may hold other layers' channels (concat)
+            keep = [i for i in range(cache.inputs[0].shape[1]) if i not in gone]
             inputs = [x[:, keep] for x in cache.inputs]
             sides = cache.sides
         else:
@@ -269,11 +305,11 @@ class FastEngine:
         done = 0.0
         for x, z, side, (_, y) in zip(cache.inputs, full, cache.sides, scoring.batches,
                                       strict=True):
-            cols = _columns(plan.consumer, x)
+            cols, zl = _columns(plan.consumer, x, z)
             for start in range(0, len(units), chunk):
                 rows = slice(start, min(start + chunk, len(units)))
                 k = rows.stop - rows.start
-                zc = _without(weight, cols, z, idx[rows])
+                zc = _without(weight, cols, zl, z, idx[rows])
                 reps = [s.repeat(k, *[1] * (s.ndim - 1)) for s in side]
                 scores.add_logits(rows, plan.tail(zc, *reps).view(k, len(y), -1), y)
             step = len(units) * len(y) / scoring.total

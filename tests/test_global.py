@@ -1,0 +1,169 @@
+"""Global CAR under a budget, on any architecture the dependency graph handles, and CAR inside
+Torch-Pruning."""
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+from safetensors.torch import save_file
+from torch import nn
+
+import carprune as cp
+from carprune.groups import Surgery
+from carprune.measure import macs_params
+from carprune.prune import global_car_prune
+
+from .conftest import quick_trained, subset
+
+
+@pytest.fixture(scope="module")
+def tiny(fmnist):
+    torch.manual_seed(0)
+    return quick_trained("convnet", fmnist, n=2000, widths=(4, 6, 6), hidden=16)
+
+
+def by_hand_cost(model, layer, i):
+    """MACs a filter's removal saves in the tiny convnet: its own output channel at its
+    resolution plus its consumer's input channel (conv: 9 taps per output, fc1: 3x3 features)."""
+    size = {"conv1": 28, "conv2": 14, "conv3": 7}[layer]
+    conv = getattr(model, layer)
+    own = conv.in_channels * 9 * size * size
+    nxt = {"conv1": "conv2", "conv2": "conv3"}.get(layer)
+    consumer = getattr(model, nxt).out_channels * 9 * (size // 2) ** 2 if nxt \
+        else model.fc1.out_features * 9
+    return own + consumer
+
+
+def brute_force_global(model, x, y, picks):
+    state = copy.deepcopy(model.state_dict())
+    gone = {"conv1": [], "conv2": [], "conv3": []}
+    order = []
+    for _ in range(picks):
+        def evaluate(extra=None):
+            with torch.no_grad():
+                model.load_state_dict(state)
+                for layer, idx in gone.items():
+                    chosen = idx + ([extra[1]] if extra and extra[0] == layer else [])
+                    for p in (f"{layer}.weight", f"bn{layer[-1]}.weight", f"bn{layer[-1]}.bias"):
+                        model.get_parameter(p)[chosen] = 0
+                logits = model(x)
+            return int((logits.argmax(1) == y).sum()), float(F.cross_entropy(logits, y,
+                                                                              reduction="sum"))
+        base_correct, base_loss = evaluate()
+        keys = []
+        for li, layer in enumerate(("conv1", "conv2", "conv3")):
+            for i in range(getattr(model, layer).out_channels):
+                if i in gone[layer]:
+                    continue
+                correct, loss = evaluate((layer, i))
+                cost = by_hand_cost(model, layer, i)
+                keys.append(((base_correct - correct) / cost, (loss - base_loss) / cost, li, i,
+                             layer))
+        best = min(keys)
+        gone[best[4]].append(best[3])
+        order.append((best[4], best[3]))
+    model.load_state_dict(state)
+    return order
+
+
+def test_first_global_picks_equal_a_cost_weighted_brute_force(tiny, fmnist):
+    scoring = subset(fmnist.val, 400)
+    expected = brute_force_global(tiny, *scoring.tensors, picks=2)
+    for engine in ("naive", "fast"):
+        _, steps = global_car_prune(tiny, scoring, target=0.9, min_keep=0.0, engine=engine,
+                                    progress=False)
+        assert [(s.layer, s.removed[0]) for s in steps[:2]] == expected
+        assert steps[0].cost == by_hand_cost(tiny, *expected[0])
+
+
+def test_budget_and_min_keep(tiny, fmnist):
+    scoring = subset(fmnist.val, 200)
+    with pytest.warns(UserWarning, match="min-keep floor"):
+        result, steps = global_car_prune(tiny, scoring, target=0.05, min_keep=0.5, step=3,
+                                         progress=False)
+    sizes = {"conv1": 4, "conv2": 6, "conv3": 6}
+    for layer, n in sizes.items():
+        assert getattr(result.model, layer).out_channels == -(-n // 2)  # ceil(0.5 n)
+    result, steps = global_car_prune(tiny, scoring, target=0.6, progress=False)
+    macs = macs_params(result.model, (1, 28, 28))[0]
+    assert macs <= 0.6 * macs_params(tiny, (1, 28, 28))[0]
+    assert steps[-1].remaining == pytest.approx(macs / macs_params(tiny, (1, 28, 28))[0])
+
+
+def test_residual_groups_go_whole(small_resnet, fmnist, tmp_path):
+    result, steps = global_car_prune(small_resnet, subset(fmnist.val, 128), target=0.85,
+                                     step=4, progress=False)
+    m = result.model
+    for stage in ("layer1", "layer2", "layer3"):
+        blocks = getattr(m, stage)
+        widths = {blk.conv2.out_channels for blk in blocks} | {blk.bn2.num_features
+                                                               for blk in blocks}
+        assert len(widths) == 1  # every block of the stage lost the same channels
+    cp.save(m, tmp_path / "r")
+    x = fmnist.test.tensors[0][:4]
+    assert torch.equal(cp.load(tmp_path / "r")(x), m(x))
+
+
+@pytest.mark.parametrize("name", ["mobilenet", "inception"])
+def test_depthwise_and_concat_networks_prune_and_run(name, fmnist, tmp_path):
+    torch.manual_seed(0)
+    model = quick_trained(name, fmnist, n=1000, width=8)
+    result, steps = global_car_prune(model, subset(fmnist.val, 128), target=0.8, step=4,
+                                     progress=False)
+    assert macs_params(result.model, (1, 28, 28))[0] <= 0.8 * macs_params(model, (1, 28, 28))[0]
+    cp.save(result.model, tmp_path / "m")
+    x = fmnist.test.tensors[0][:4]
+    assert torch.equal(cp.load(tmp_path / "m")(x), result.model(x))
+
+
+def test_car_importance_inside_torch_pruning(baseline, fmnist):
+    scoring = subset(fmnist.val, 200)
+    model = copy.deepcopy(baseline)
+    surgery = Surgery(copy.deepcopy(baseline), fmnist.val.tensors[0][:1])
+    from carprune.criteria import importance
+    ours = importance("car-oneshot", surgery, "conv3", cp.scoring.ScoringSet.from_any(scoring))
+    keep = sorted(sorted(range(64), key=lambda i: (-float(ours[i]), i))[:48])
+    importance_ = cp.CARImportance(scoring)
+    pruner = tp.pruner.BasePruner(model, fmnist.val.tensors[0][:1], importance=importance_,
+                                  pruning_ratio=0.25,
+                                  ignored_layers=[model.conv1, model.conv2, model.fc2])
+    pruner.step()
+    assert model.conv3.out_channels == 48
+    assert torch.equal(model.conv3.weight, baseline.conv3.weight[keep])
+
+
+def tiny_factory() -> nn.Module:
+    """A user's own model, for the --model test: imported by path from the CLI."""
+    return nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4),
+                         nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, 10))
+
+
+@pytest.mark.slow
+def test_factory_model_through_the_cli(tmp_path, fmnist):
+    torch.manual_seed(0)
+    model = tiny_factory()
+    cp.fit(model, subset(fmnist.train, 2000), epochs=1, progress=False)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "w.st")
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    base = [sys.executable, "-m", "carprune", "prune", "--model",
+            "tests.test_global:tiny_factory", "--score-samples", "200", "--finetune-epochs",
+            "0"]
+    proc = subprocess.run([*base, "--weights", str(tmp_path / "w.pt"), "--layers", "0",
+                           "--out", str(tmp_path / "p")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "--trust-pickle" in proc.stderr
+    proc = subprocess.run([*base, "--weights", str(tmp_path / "w.st"), "--target-macs", "0.7",
+                           "--labels", "model", "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["model"]["macs_after"] <= 0.7 * result["model"]["macs_before"]
+    assert 0 < result["accuracy"]["val_agreement_pruned"] <= 1
+    assert [s["layer"] for s in result["global"]["steps"]]
+    reloaded = cp.load(tmp_path / "run")
+    assert reloaded(fmnist.test.tensors[0][:2]).shape == (2, 10)

@@ -68,10 +68,7 @@ def test_compare_rows_and_car_curve(baseline, fmnist):
     assert len(set(full.values())) == 1  # nothing removed: every criterion agrees
     greedy = car_prune(baseline, data.val, ["conv1"], keep=8, progress=False)
     steps = greedy.layers["conv1"].steps
-    car_rows = {int(r["kept"]): float(r["val_accuracy"]) for r in rows if r["criterion"] == "car"}
-    assert car_rows[16] == pytest.approx(steps[15].val_accuracy, abs=1e-12)
-    assert car_rows[8] == pytest.approx(steps[23].val_accuracy, abs=1e-12)
-    car = {int(r["kept"]): float(r["val_accuracy"]) for r in rows if r["criterion"] == "car"}
-    oneshot = {int(r["kept"]): float(r["val_accuracy"]) for r in rows
-               if r["criterion"] == "car-oneshot"}
+    car = {p.kept: p.val_accuracy for p in points if p.criterion == "car"}
+    assert car[16] == steps[15].val_accuracy and car[8] == steps[23].val_accuracy
+    oneshot = {p.kept: p.val_accuracy for p in points if p.criterion == "car-oneshot"}
     assert all(car[k] >= oneshot[k] for k in (16, 8))  # re-scoring earns its cost on val

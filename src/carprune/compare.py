@@ -69,9 +69,12 @@ def retrained_accuracy(model: nn.Module, layer: str, removed: list[int], train: 
 def compare(model: nn.Module, data, layers: list[str], criteria_names: list[str],
             keep_grid: list[float], retrain_epochs: int = 0, retrain_keep: float = 0.5,
             seeds: int = 3, scoring=None, train: TensorDataset | None = None,
+            known: dict[tuple[str, str], list[int]] | None = None,
             progress: bool = True) -> list[Point]:
     """Every (layer, criterion, kept) point; random is averaged over `seeds` seeds (min/max
-    kept) and retrained points over `seeds` fine-tuning seeds."""
+    kept) and retrained points over `seeds` fine-tuning seeds. `known` holds removal orders
+    already computed on the same scoring set, by (layer, criterion), e.g. a prune run's first
+    layer, so greedy CAR is not run twice."""
     scoring = ScoringSet.from_any(scoring if scoring is not None else data.val,
                                   data.num_classes)
     sizes = {name: m.out_channels for name, m in model.named_modules() if name in layers}
@@ -83,7 +86,12 @@ def compare(model: nn.Module, data, layers: list[str], criteria_names: list[str]
         n = sizes[layer]
         counts = sorted({max(1, math.floor(k * n + 0.5)) for k in keep_grid}, reverse=True)
         runs = list(range(seeds)) if name == "random" else [0]
-        orders = [removal_order(model, scoring, layer, name, counts[-1], seed) for seed in runs]
+        recorded = (known or {}).get((layer, name))
+        if recorded is not None and len(recorded) >= n - counts[-1]:
+            orders = [recorded]
+        else:
+            orders = [removal_order(model, scoring, layer, name, counts[-1], seed)
+                      for seed in runs]
         for kept in counts:
             accs = [accuracy_without(model, layer, order[:n - kept], [data.val, data.test])
                     for order in orders]

@@ -299,7 +299,8 @@ def bench_run(args) -> None:
 
 def compare_run(checkpoint: str, data, layers: list[str], criteria_names: list[str], out: str,
                 keep_grid: list[float], retrain_epochs: int = 0, seeds: int = 3,
-                score_samples: int | None = None, train_samples: int | None = None) -> dict:
+                score_samples: int | None = None, train_samples: int | None = None,
+                known: dict | None = None) -> dict:
     """Check, run the comparison, write compare.csv, compare.json and one PNG per layer."""
     from . import compare
 
@@ -315,7 +316,7 @@ def compare_run(checkpoint: str, data, layers: list[str], criteria_names: list[s
     points = compare.compare(model, data, layers, criteria_names, keep_grid,
                              retrain_epochs=retrain_epochs, seeds=seeds,
                              scoring=scoring_subset(data, score_samples),
-                             train=training_subset(data, train_samples))
+                             train=training_subset(data, train_samples), known=known)
     sizes = {name: m.out_channels for name, m in model.named_modules() if name in layers}
     summary = {"command": command_line(), "checkpoint": str(checkpoint),
                "retrain": {"epochs": retrain_epochs, "seeds": seeds,

@@ -46,13 +46,14 @@ def refuse_existing_output(out: str) -> None:
                             "another --out or remove it")
 
 
-def scoring_subset(data, n: int | None):
-    """The first n val images (the val split is shuffled and class-balanced), or all."""
+def first_images(dataset, n: int | None, option: str):
+    """The first n images of a split (our splits are in random order, val class-balanced), or
+    all of them; `option` names the flag in the error."""
     if n is None:
-        return data.val
+        return dataset
     if n <= 0:
-        raise CarpruneError(f"--score-samples must be positive, got {n}")
-    return torch.utils.data.TensorDataset(*[t[:n] for t in data.val.tensors])
+        raise CarpruneError(f"{option} must be positive, got {n}")
+    return torch.utils.data.TensorDataset(*[t[:n] for t in dataset.tensors])
 
 
 # -- commands -----------------------------------------------------------------------------
@@ -79,15 +80,6 @@ def relabelled(data, model: torch.nn.Module):
 def agreement(original: torch.nn.Module, pruned: torch.nn.Module, dataset) -> float:
     """Share of images on which the pruned network predicts what the original predicts."""
     return evaluate(pruned, model_labels(original, dataset)).accuracy
-
-
-def training_subset(data, n: int | None):
-    """The first n training images (the split is in random order), or all."""
-    if n is None:
-        return data.train
-    if n <= 0:
-        raise CarpruneError(f"--train-samples must be positive, got {n}")
-    return torch.utils.data.TensorDataset(*[t[:n] for t in data.train.tensors])
 
 
 def train_run(args) -> None:
@@ -172,10 +164,10 @@ def prune_run(checkpoint, data, layers: list[str] | None, keep: float, out: str,
                                 "labels; add --labels model to score (and fine-tune) against "
                                 "the unpruned network's own predictions")
         data = relabelled(data, model)
-    scoring = scoring_subset(data, score_samples)
+    scoring = first_images(data.val, score_samples, "--score-samples")
     if labels == "model":
         scoring = model_labels(model, scoring)
-    train = training_subset(data, train_samples)
+    train = first_images(data.train, train_samples, "--train-samples")
     config = {"checkpoint": source, "weights": model.carprune_spec.get("weights_sha256"),
               "data": data.name, "val_images": len(data.val), "layers": list(layers or []),
               "keep": keep, "step": step, "score_samples": len(scoring), "engine": engine,
@@ -268,7 +260,8 @@ def bench_run(args) -> None:
     check_fits(model, data)
     layers = args.layers or Surgery(model, data.val.tensors[0][:1]).conv_layers()
     check_layers(Surgery(model, data.val.tensors[0][:1]), layers)
-    scoring = ScoringSet.from_any(scoring_subset(data, args.score_samples), data.num_classes)
+    scoring = ScoringSet.from_any(first_images(data.val, args.score_samples, "--score-samples"),
+                                  data.num_classes)
     rows, throughput = bench.bench_layers(model, scoring, layers, args.steps)
     run_seconds = overall = None
     if not args.no_whole_run:
@@ -313,14 +306,15 @@ def compare_run(checkpoint: str, data, layers: list[str], criteria_names: list[s
                             f"{', '.join(CRITERIA)}")
     if not keep_grid or any(not 0 < k <= 1 for k in keep_grid):
         raise CarpruneError("--keep-grid takes fractions in (0, 1], e.g. 1.0,0.75,0.5,0.25")
+    train = first_images(data.train, train_samples, "--train-samples")
     points = compare.compare(model, data, layers, criteria_names, keep_grid,
                              retrain_epochs=retrain_epochs, seeds=seeds,
-                             scoring=scoring_subset(data, score_samples),
-                             train=training_subset(data, train_samples), known=known)
+                             scoring=first_images(data.val, score_samples, "--score-samples"),
+                             train=train, known=known)
     sizes = {name: m.out_channels for name, m in model.named_modules() if name in layers}
     summary = {"command": command_line(), "checkpoint": str(checkpoint),
                "retrain": {"epochs": retrain_epochs, "seeds": seeds,
-                           "train_images": len(training_subset(data, train_samples))},
+                           "train_images": len(train)},
                "keep_0.5": compare.margins(points, 0.5, sizes),
                "keep_0.5_retrained": compare.margins(points, 0.5, sizes, retrained=True)}
     out_dir = Path(out)

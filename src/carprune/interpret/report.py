@@ -86,7 +86,7 @@ def removal_orders(prune_run, model: nn.Module, layers: Sequence[str]) -> dict[s
 
 def _validated(checkpoint_or_model, data: Data, layers: Sequence[str], out, prune_run,
                score_samples: int | None, engine: str, top_k: int):
-    from ..runs import refuse_existing_output, scoring_subset
+    from ..runs import first_images, refuse_existing_output
 
     if not isinstance(data, Data):
         raise CarpruneError("explain_run needs a carprune Data (e.g. carprune.data."
@@ -97,7 +97,7 @@ def _validated(checkpoint_or_model, data: Data, layers: Sequence[str], out, prun
     model, source = _model(checkpoint_or_model)
     check_fits(model, data)
     check_layers(Surgery(copy.deepcopy(model), data.val.tensors[0][:1]), layers)
-    dataset = scoring_subset(data, score_samples)
+    dataset = first_images(data.val, score_samples, "--score-samples")
     orders = removal_orders(prune_run, model, layers)
     refuse_existing_output(str(out))
     return model, source, dataset, orders

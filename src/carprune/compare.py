@@ -168,7 +168,9 @@ def plot(points: list[Point], layer: str, path) -> None:
                             marker="*", markersize=10, color=line.get_color(), capsize=3)
     ax.set_xlabel(f"filters kept in {layer}")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{layer}: pruning one layer by each criterion (stars: after retraining)")
+    retrained = any(p.retrained for p in points if p.layer == layer)
+    ax.set_title(f"{layer}: pruning one layer by each criterion"
+                 + (" (stars: after retraining)" if retrained else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()

@@ -5,7 +5,7 @@ PYTHON ?= python3
 STAMP  := $(VENV)/.installed
 BIN    := $(VENV)/bin
 
-.PHONY: setup setup-test demo test test-fast lint bench clean
+.PHONY: setup setup-test demo test test-fast lint bench rgb clean
 
 setup: $(STAMP)
 	./scripts/install-system.sh
@@ -35,6 +35,13 @@ lint: setup
 
 bench: setup
 	$(BIN)/carprune bench
+
+# A real pretrained RGB network: MTCNN's ONet, whose weights ship in facenet-pytorch's wheel.
+# --no-deps: facenet-pytorch pins an old torch and torchvision; carprune only reads its weights.
+rgb: setup
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps facenet-pytorch==2.6.0
+	$(BIN)/pip install --quiet --disable-pip-version-check scikit-image==0.26.0
+	$(BIN)/python benchmarks/rgb_pretrained.py --out runs/rgb/rgb.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

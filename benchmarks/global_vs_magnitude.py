@@ -2,7 +2,8 @@
 MACs budget, the same fine-tuning, test accuracy at the end.
 
     python benchmarks/global_vs_magnitude.py [CHECKPOINT] [--target-macs 0.5]
-        [--finetune-epochs 2] [--step 2] [--out runs/global_vs_magnitude.json]
+        [--finetune-epochs 2] [--step 2] [--score-samples 2000]
+        [--out runs/global_vs_magnitude.json]
 
 Torch-Pruning: `BasePruner` with `GroupMagnitudeImportance` and `global_pruning=True`, stepped
 until the MACs are at or under the target (conv layers only, as global CAR). CAR: carprune's
@@ -21,6 +22,7 @@ from torch import nn
 import carprune as cp
 from carprune import io
 from carprune.measure import macs_params, speed_report
+from carprune.runs import first_images
 
 
 def magnitude(model: nn.Module, target: float, shape) -> nn.Module:
@@ -42,13 +44,16 @@ def main() -> None:
     parser.add_argument("--target-macs", type=float, default=0.5)
     parser.add_argument("--finetune-epochs", type=int, default=2)
     parser.add_argument("--step", type=int, default=2)
+    parser.add_argument("--score-samples", type=int, default=2000,
+                        help="val images global CAR scores on (the first N)")
     parser.add_argument("--out", default="runs/global_vs_magnitude.json")
     args = parser.parse_args()
     data = cp.data.fashion_mnist()
     model = cp.load(args.checkpoint)
     shape = data.input_shape
     rows = {}
-    car, _ = cp.global_car_prune(model, data.val, args.target_macs, step=args.step)
+    scoring = first_images(data.val, args.score_samples, "--score-samples")
+    car, _ = cp.global_car_prune(model, scoring, args.target_macs, step=args.step)
     for name, pruned in (("global CAR", car.model),
                          ("Torch-Pruning magnitude", magnitude(model, args.target_macs, shape))):
         before = cp.evaluate(pruned, data.test).accuracy

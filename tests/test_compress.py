@@ -28,7 +28,7 @@ from carprune.compress import (
     record_sizes,
     write_carz,
 )
-from carprune.compress.carz import _encode_entries, decode_weight, encode_weight
+from carprune.compress.carz import _encode_entries, coded_breakdown, decode_weight, encode_weight
 from carprune.compress.huffman import BitReader, BitWriter, canonical_codes
 from carprune.compress.kmeans import freeze_, quantize_
 from carprune.compress.pipeline import make_permanent, weight_layers
@@ -205,6 +205,13 @@ def test_carz_record_sizes_are_the_file(quantised, carz_path):
     # 30% of the weights kept, each about 7 bits with its gap: 15x
     assert sizes[header["tensors"].index("fc1.weight")] < fc1.numel() * 4 / 12
     assert 17 + sum(sizes) < os.path.getsize(carz_path) < 17 + sum(sizes) + 2000
+    parts = coded_breakdown(carz_path)
+    assert set(parts) == {f"{n}.weight" for n in weight_layers(quantised)}
+    for name, p in parts.items():
+        assert sum(p.values()) == record_sizes(carz_path)[name]
+        k = len(quantised.state_dict()[name].unique()) - 1   # nonzero shared values
+        assert p["codebook"] == (8 + 16 * k) / 8
+        assert 0 <= p["padding"] < 1
 
 
 def test_carz_refuses_unquantised_weights(baseline, tmp_path):
@@ -267,8 +274,10 @@ def test_compress_run_sizes_come_from_the_file(run_dir, baseline, fmnist, tmp_pa
     pruned = cp.load(run_dir)
     for name in ("conv1", "conv2", "conv3", "fc1", "fc2"):
         entry = report["layers"][name]
-        assert set(entry) == {"bytes", "factor"} and set(entry["bytes"]) == stages
+        assert set(entry) == {"bytes", "factor", "coded_parts"}
+        assert set(entry["bytes"]) == stages
         assert entry["bytes"]["coded"] == records[f"{name}.weight"]
+        assert sum(entry["coded_parts"].values()) == entry["bytes"]["coded"]
         assert entry["bytes"]["original"] == 4 * getattr(baseline, name).weight.numel()
         assert entry["bytes"]["car"] == 4 * getattr(pruned, name).weight.numel()
         assert entry["factor"] == entry["bytes"]["original"] / entry["bytes"]["coded"]

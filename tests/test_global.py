@@ -95,6 +95,30 @@ def test_budget_and_min_keep(tiny, fmnist):
     assert steps[-1].remaining == pytest.approx(macs / macs_params(tiny, (1, 28, 28))[0])
 
 
+def test_latency_budget_and_cost(tiny, fmnist, monkeypatch):
+    """With latency made exactly proportional to MACs (1 ms per million), a latency budget and
+    a latency cost must choose what the MACs budget and cost choose."""
+    from carprune import measure
+
+    monkeypatch.setattr(measure, "latency_ms", lambda model, shape, batch_size=1, repeats=50,
+                        warmup=5: macs_params(model, shape)[0] / 1e6)
+    scoring = subset(fmnist.val, 200)
+    by_macs, macs_steps = global_car_prune(tiny, scoring, target=0.6, progress=False)
+    ms = 0.6 * macs_params(tiny, (1, 28, 28))[0] / 1e6
+    by_latency, latency_steps = global_car_prune(tiny, scoring, target=ms, budget="latency",
+                                                 cost="macs", progress=False)
+    assert [(s.layer, s.removed) for s in latency_steps] == \
+        [(s.layer, s.removed) for s in macs_steps]
+    _, steps = global_car_prune(tiny, scoring, target=0.9, cost="latency", min_keep=0.0,
+                                progress=False)
+    # measured once at the start: half of a layer removed, saving per unit (ms)
+    expected = measure.latency_costs(Surgery(copy.deepcopy(tiny), scoring.tensors[0][:1]),
+                                     ["conv1", "conv2", "conv3"])
+    assert steps[0].cost == pytest.approx(expected[steps[0].layer])
+    with pytest.raises(cp.CarpruneError, match="below the network's measured"):
+        global_car_prune(tiny, scoring, target=10 * ms, budget="latency", progress=False)
+
+
 def test_residual_groups_go_whole(small_resnet, fmnist, tmp_path):
     result, steps = global_car_prune(small_resnet, subset(fmnist.val, 128), target=0.85,
                                      step=4, progress=False)

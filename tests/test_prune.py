@@ -96,3 +96,24 @@ def test_step_k_and_history_reload(baseline, fmnist, tmp_path):
     assert torch.equal(loaded(x), result.model(x))
     history = json.loads((tmp_path / "p" / "model.json").read_text())["pruning_history"]
     assert [h[0] for h in history] == ["conv2"] * 4 + ["conv1"] * 2
+
+
+def test_screen_rescores_only_the_lowest_so_far(baseline, fmnist):
+    scoring = subset(fmnist.val, 300)
+    exact = car_prune(baseline, scoring, ["conv3"], keep=58, progress=False)
+    wide = car_prune(baseline, scoring, ["conv3"], keep=58, screen=64, progress=False)
+    assert wide.layers["conv3"].removed == exact.layers["conv3"].removed
+    steps = car_prune(baseline, scoring, ["conv3"], keep=58, screen=5,
+                      progress=False).layers["conv3"].steps
+    assert steps[0].candidates == exact.layers["conv3"].steps[0].candidates  # first: all
+    last = dict(zip(steps[0].candidates, steps[0].car, strict=True))
+    removed = set(steps[0].removed)
+    for now in steps[1:]:
+        alive = [o for o in last if o not in removed]
+        assert now.candidates == sorted(sorted(alive, key=lambda o: (last[o], o))[:5])
+        # the pick is the best of the screened, by the same exact ranking
+        assert now.car[now.candidates.index(now.removed[0])] == min(now.car)
+        last.update(zip(now.candidates, now.car, strict=True))
+        removed |= set(now.removed)
+    with pytest.raises(cp.CarpruneError, match="--screen must be at least --step"):
+        car_prune(baseline, scoring, ["conv3"], keep=58, step=4, screen=2, progress=False)

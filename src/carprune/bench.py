@@ -16,10 +16,11 @@ from torch import nn
 
 from .groups import Surgery, Unit
 from .measure import module_macs
-from .prune import car_prune
+from .prune import PruneResult, car_prune
 from .scoring import FastEngine, NaiveEngine, ScoringSet, rank
 from .scoring.fast import plan_layer
 from .scoring.naive import full_pass
+from .train import evaluate
 
 
 @dataclass
@@ -86,12 +87,33 @@ def bench_layers(model: nn.Module, scoring: ScoringSet, layers: list[str], steps
 
 
 def whole_run(model: nn.Module, scoring: ScoringSet, layers: list[str], keep: float,
-              progress: bool = True) -> tuple[float, dict[str, int]]:
-    """Seconds for exact fast CAR of every layer to `keep`, and candidates scored per layer."""
+              progress: bool = True) -> tuple[PruneResult, dict[str, int]]:
+    """Exact fast CAR of every layer to `keep` (its seconds are the run's), and candidates
+    scored per layer."""
     result = car_prune(model, scoring, layers, keep=keep, engine="fast", progress=progress)
     cands = {name: sum(len(s.candidates) for s in rec.steps)
              for name, rec in result.layers.items()}
-    return result.seconds, cands
+    return result, cands
+
+
+def approximations(model: nn.Module, scoring: ScoringSet, test, exact: PruneResult,
+                   layers: list[str], keep: float, step: int, screen: int) -> list[dict]:
+    """The opt-in approximate modes against the exact run: seconds, the share of the exact
+    run's removed filters they also removed, and their scoring and test accuracy minus the
+    exact run's."""
+    exact_test = evaluate(exact.model, test).accuracy
+    rows = []
+    for mode, kwargs in ((f"--step {step}", {"step": step}),
+                         (f"--screen {screen}", {"screen": screen})):
+        result = car_prune(model, scoring, layers, keep=keep, **kwargs)
+        same = sum(len(set(rec.removed) & set(exact.layers[name].removed))
+                   for name, rec in result.layers.items())
+        total = sum(len(rec.removed) for rec in exact.layers.values())
+        rows.append({"mode": mode, "seconds": result.seconds, "speedup": exact.seconds
+                     / result.seconds, "identical_picks": same / total,
+                     "val_diff": result.val_after - exact.val_after,
+                     "test_diff": evaluate(result.model, test).accuracy - exact_test})
+    return rows
 
 
 def overall_speedup(rows: list[LayerBench], run_seconds: float,
@@ -103,8 +125,9 @@ def overall_speedup(rows: list[LayerBench], run_seconds: float,
 
 
 def to_json(rows: list[LayerBench], throughput: float, run_seconds: float | None,
-            overall: float | None, scoring_images: int, steps: int) -> dict:
-    return {"scoring_images": scoring_images, "steps": steps,
+            overall: float | None, scoring_images: int, steps: int,
+            approximate: list[dict] | None = None) -> dict:
+    return {"scoring_images": scoring_images, "steps": steps, "approximate": approximate,
             "throughput_gmacs": throughput / 1e9, "threads": torch.get_num_threads(),
             "layers": [dict(asdict(r), speedup=r.speedup, identical=r.identical,
                             fast_over_bound=r.fast_seconds / r.bound_seconds) for r in rows],

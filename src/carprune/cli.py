@@ -29,16 +29,21 @@ def cmd_prune(args) -> None:
     else:
         raise CarpruneError("give a checkpoint directory, or --model package.module:factory "
                             "(with --weights FILE)")
-    if args.target_macs is not None and args.target_params is not None:
-        raise CarpruneError("give one budget: --target-macs or --target-params, not both")
-    target, cost = (args.target_params, "params") if args.target_params is not None \
-        else (args.target_macs, args.cost)
+    budgets = {"macs": args.target_macs, "params": args.target_params,
+               "latency": args.target_latency_ms}
+    given = [kind for kind, value in budgets.items() if value is not None]
+    if len(given) > 1:
+        raise CarpruneError("give one budget: --target-macs, --target-params or "
+                            "--target-latency-ms, not several")
+    budget = given[0] if given else "macs"
     runs.prune_run(source, data, args.layers, args.keep, args.out, step=args.step,
+                   screen=args.screen,
                    score_samples=args.score_samples, engine=args.engine,
                    memory_budget_gib=args.memory_budget, finetune_epochs=args.finetune_epochs,
                    finetune_lr=args.finetune_lr, seed=args.seed, criterion=args.criterion,
-                   train_samples=args.train_samples, restart=args.restart, target=target,
-                   cost=cost, min_keep=args.min_keep, ignore=args.ignore, labels=args.labels)
+                   train_samples=args.train_samples, restart=args.restart,
+                   target=budgets[budget], budget=budget, cost=args.cost,
+                   min_keep=args.min_keep, ignore=args.ignore, labels=args.labels)
 
 
 def cmd_compare(args) -> None:
@@ -162,8 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="global CAR until this fraction of the original MACs is left")
     p.add_argument("--target-params", type=float, default=None,
                    help="global CAR until this fraction of the original parameters is left")
-    p.add_argument("--cost", choices=["macs", "params"], default="macs",
-                   help="what a removal saves, for global CAR's accuracy-per-cost ranking")
+    p.add_argument("--target-latency-ms", type=float, default=None,
+                   help="global CAR until one image (batch 1) runs in this many milliseconds "
+                        "here, measured after every step")
+    p.add_argument("--cost", choices=["macs", "params", "latency"], default=None,
+                   help="what a removal saves, for global CAR's accuracy-per-cost ranking "
+                        "(default: what the target counts)")
     p.add_argument("--min-keep", type=float, default=0.1,
                    help="global CAR keeps at least this fraction of every layer (default 0.1)")
     p.add_argument("--ignore", nargs="+", default=None,
@@ -177,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
                    default="car", help="car (default) or another criterion to compare with")
     p.add_argument("--step", type=int, default=1,
                    help="filters removed per re-scoring; 1 is exact greedy CAR (default)")
+    p.add_argument("--screen", type=int, default=None,
+                   help="approximate: after the first full scoring, re-score only the M "
+                        "filters with the lowest CAR index so far")
     p.add_argument("--score-samples", type=int, default=None,
                    help="score on the first N val images only (default: all)")
     p.add_argument("--engine", choices=["fast", "naive"], default="fast")
@@ -219,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-samples", type=int, default=None)
     p.add_argument("--keep", type=_keep, default=0.5, help="keep for the whole timed run")
     p.add_argument("--no-whole-run", action="store_true", help="skip the whole timed run")
+    p.add_argument("--approx", action="store_true",
+                   help="after the whole run, run the approximate modes and report their "
+                        "agreement with it")
+    p.add_argument("--approx-step", type=int, default=4, help="K for --step K (default 4)")
+    p.add_argument("--approx-screen", type=int, default=8,
+                   help="M for --screen M (default 8)")
     p.add_argument("--out", default="runs/bench")
     p.set_defaults(func=runs.bench_run)
 

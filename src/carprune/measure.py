@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from collections.abc import Sequence
@@ -45,7 +46,7 @@ def unit_costs(surgery: Surgery, layer: str, kind: str = "macs") -> list[float]:
     """What removing each unit of `layer` saves: MACs per image or parameters, summed over its
     whole dependency group (its producers' output channels and its consumers' inputs)."""
     if kind not in ("macs", "params"):
-        raise CarpruneError(f"unknown cost {kind!r}; use macs or params")
+        raise CarpruneError(f"unknown cost {kind!r}; use macs, params or latency")
     macs = module_macs(surgery.model, surgery.example_inputs) if kind == "macs" else {}
     costs = []
     for channel in range(surgery.size(layer)):
@@ -68,11 +69,30 @@ def unit_costs(surgery: Surgery, layer: str, kind: str = "macs") -> list[float]:
     return costs
 
 
+def latency_costs(surgery: Surgery, layers: Sequence[str], repeats: int = 50) -> dict[str, float]:
+    """Measured milliseconds (batch 1) that removing one unit of each layer saves: the latency
+    of the network minus that of a copy without half the layer's units, per unit removed
+    (at least a nanosecond, so that no layer is free)."""
+    shape = surgery.example_inputs.shape[1:]
+    now = latency_ms(surgery.model, shape, repeats=repeats)
+    costs = {}
+    for name in layers:
+        half = surgery.size(name) // 2
+        saved = 0.0
+        if half:
+            trial = Surgery(copy.deepcopy(surgery.model), surgery.example_inputs)
+            trial.remove(name, list(range(half)))
+            saved = max(now - latency_ms(trial.model, shape, repeats=repeats), 0.0) / half
+        costs[name] = saved or 1e-6
+    return costs
+
+
 @torch.inference_mode()
 def latency_ms(model: nn.Module, input_shape: Sequence[int], batch_size: int = 1,
                repeats: int = 50, warmup: int = 5) -> float:
-    """Median wall time of one forward pass (ms) on this machine's CPU threads."""
-    model = model.eval().to(memory_format=torch.channels_last)  # the fast layout on CPU
+    """Median wall time of one forward pass (ms) on this machine's CPU threads, in eval mode
+    and channels_last (the fast layout on CPU), measured on a copy."""
+    model = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
     x = torch.randn(batch_size, *input_shape).contiguous(memory_format=torch.channels_last)
     for _ in range(warmup):
         model(x)

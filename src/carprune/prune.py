@@ -78,7 +78,8 @@ def check_layers(surgery: Surgery, layers: Sequence[str]) -> None:
 
 
 def car_prune(model: nn.Module, data, layers: Sequence[str], keep: float = 0.5, step: int = 1,
-              engine: str = "fast", memory_budget: int = DEFAULT_MEMORY_BUDGET,
+              screen: int | None = None, engine: str = "fast",
+              memory_budget: int = DEFAULT_MEMORY_BUDGET,
               num_classes: int | None = None, progress: bool = True, inplace: bool = False,
               done: dict[str, LayerRecord] | None = None, val_before: float | None = None,
               on_step: Callable[[dict[str, LayerRecord], float], None] | None = None
@@ -88,11 +89,16 @@ def car_prune(model: nn.Module, data, layers: Sequence[str], keep: float = 0.5, 
     data: the scoring set (a TensorDataset, DataLoader or iterable of (images, labels)).
     keep: per layer, a fraction in (0, 1) or a count of filters to keep.
     step: filters removed per re-scoring (1 is the paper's greedy; more is an approximation).
+    screen: an approximation too: after a layer's first full scoring, re-score only the
+    `screen` filters with the lowest CAR index at their last exact scoring (the cheap
+    criterion: it costs nothing to compute); the rest keep their old index.
     done, val_before: the records of an interrupted run; its removals are replayed first.
     on_step: called with all records so far after every removal (to save state).
     """
     if step < 1:
         raise CarpruneError(f"step must be at least 1, got {step}")
+    if screen is not None and screen < step:
+        raise CarpruneError(f"--screen must be at least --step ({step}), got {screen}")
     start = time.perf_counter()
     model = model if inplace else copy.deepcopy(model)
     model.eval()
@@ -120,27 +126,38 @@ def car_prune(model: nn.Module, data, layers: Sequence[str], keep: float = 0.5, 
     for name in layers:
         n, target = surgery.size(name), targets[name]
         record = records[name] = LayerRecord(n, target)
+        last: dict[int, float] = {}  # original index -> CAR index at its last exact scoring
         for past in (done or {}).get(name, LayerRecord(n, target)).steps:
+            last.update(zip(past.candidates, past.car, strict=True))
             surgery.remove(name, [surgery.alive[name].index(o) for o in past.removed])
             record.removed += past.removed
             record.steps.append(past)
             pending = past if math.isnan(past.val_accuracy) else None
-        bar = tqdm(total=sum(_lefts(n, target, step)), desc=f"CAR {name}", unit="cand",
-                   disable=not (progress and dist.is_main()))
+        sizes = list(_lefts(surgery.size(name), target, step))
+        bar = tqdm(total=sum(min(k, screen or k) if i or last else k
+                             for i, k in enumerate(sizes)),
+                   desc=f"CAR {name}", unit="cand", disable=not (progress and dist.is_main()))
         while surgery.size(name) > target:
-            units = [Unit(name, c) for c in range(surgery.size(name))]
+            alive = surgery.alive[name]
+            channels = list(range(len(alive)))
+            if screen and last:
+                channels = sorted(sorted(channels, key=lambda c: (last[alive[c]], alive[c]))
+                                  [:screen])
+            units = [Unit(name, c) for c in channels]
             base, scores = scorer.score(surgery, units, scoring, bar.update)
             base_acc = float(base.accuracy()[0])
             val_before = base_acc if val_before is None else val_before
             if pending is not None:
                 pending.val_accuracy = base_acc
-            original = list(surgery.alive[name])
-            chosen = rank(scores, original)[:min(step, surgery.size(name) - target)]
+            original = [alive[c] for c in channels]
+            picks = rank(scores, original)[:min(step, surgery.size(name) - target)]
             car = (base_acc - scores.accuracy()).tolist()
-            pending = Step(surgery.remove(name, chosen), float("nan"), original, car)
+            last.update(zip(original, car, strict=True))
+            pending = Step(surgery.remove(name, [channels[i] for i in picks]), float("nan"),
+                           original, car)
             record.removed += pending.removed
             record.steps.append(pending)
-            bar.set_postfix(left=surgery.size(name), best_car=f"{car[chosen[0]]:+.4f}")
+            bar.set_postfix(left=surgery.size(name), best_car=f"{car[picks[0]]:+.4f}")
             if on_step is not None:
                 on_step(records, val_before)
         bar.close()
@@ -191,7 +208,7 @@ class GlobalStep:
     layer: str                  # the unit's layer (the first layer of a coupled group)
     removed: list[int]          # original indices removed at this step
     car: float                  # accuracy lost without it (fraction of the scoring set)
-    cost: float                 # MACs or parameters its removal saved
+    cost: float                 # MACs, parameters or milliseconds its removal saved
     val_accuracy: float         # scoring accuracy after the removal
     remaining: float            # the budgeted quantity left, as a fraction of the original
 
@@ -209,22 +226,33 @@ def group_leaders(surgery: Surgery, layers: Sequence[str]) -> list[str]:
 
 
 def global_car_prune(model: nn.Module, data, target: float, layers: Sequence[str] | None = None,
-                     cost: str = "macs", min_keep: float = 0.1, step: int = 1,
-                     ignore: Sequence[str] = (), engine: str = "fast",
+                     budget: str = "macs", cost: str | None = None, min_keep: float = 0.1,
+                     step: int = 1, ignore: Sequence[str] = (), engine: str = "fast",
                      memory_budget: int = DEFAULT_MEMORY_BUDGET, num_classes: int | None = None,
                      progress: bool = True, inplace: bool = False) -> tuple[PruneResult,
                                                                             list[GlobalStep]]:
     """Global CAR under a budget: every step scores the units of all `layers` (default: every
-    prunable conv) and removes the one that loses the least scoring accuracy per MAC (or
-    parameter) it saves, until the network has `target` (a fraction) of the original left.
+    prunable conv) and removes the one that loses the least scoring accuracy per unit of `cost`
+    it saves, until the network meets the target.
 
+    budget: "macs" or "params", with `target` the fraction of the original to keep; or
+    "latency", with `target` the milliseconds per image (batch 1, median, this machine's
+    threads) to reach, measured after every step.
+    cost: what a removal saves, for the ranking: "macs", "params" (counted per dependency
+    group) or "latency" (milliseconds per unit of each layer, measured once at the start);
+    default the budget's own kind.
     Guard rails: each layer keeps at least `min_keep` of its filters, and never none.
     """
-    from .measure import macs_params, unit_costs
+    from .measure import latency_costs, latency_ms, macs_params, unit_costs
 
-    if not 0 < target < 1:
+    kinds = ("macs", "params", "latency")
+    cost = cost or budget
+    for kind in (budget, cost):
+        if kind not in kinds:
+            raise CarpruneError(f"unknown budget or cost {kind!r}; use macs, params or latency")
+    if budget != "latency" and not 0 < target < 1:
         raise CarpruneError(f"the target must be a fraction in (0, 1) of the original "
-                            f"{cost}, got {target}")
+                            f"{budget}, got {target}")
     if not 0 <= min_keep < 1:
         raise CarpruneError(f"--min-keep must be a fraction in [0, 1), got {min_keep}")
     start = time.perf_counter()
@@ -240,15 +268,32 @@ def global_car_prune(model: nn.Module, data, target: float, layers: Sequence[str
     floors = {n: max(1, math.ceil(min_keep * surgery.size(n))) for n in leaders}
     records = {n: LayerRecord(surgery.size(n), surgery.size(n)) for n in leaders}
     shape = scoring.example().shape[1:]
-    which = 0 if cost == "macs" else 1
-    original = macs_params(model, shape)[which]
+
+    def amount() -> float:
+        if budget == "latency":
+            return latency_ms(model, shape, repeats=20)
+        return macs_params(model, shape)[budget == "params"]
+
+    original = amount()
+    if budget == "latency":
+        if not 0 < target < original:
+            raise CarpruneError(f"--target-latency-ms must be below the network's measured "
+                                f"{original:.3f} ms per image (batch 1), got {target}")
+        target = target / original
+    per_unit = latency_costs(surgery, leaders) if cost == "latency" else {}
+
+    def costs_of(name: str) -> list[float]:
+        if cost == "latency":
+            return [per_unit[name]] * surgery.size(name)
+        return unit_costs(surgery, name, cost)
+
     scorer = make_engine(engine, memory_budget)
     if dist.active():
         scoring, scorer = dist.shard(scoring), dist.ShardedEngine(scorer)
     steps: list[GlobalStep] = []
     pending: list[GlobalStep] = []  # this round's steps, until the next pass measures them
     left = 1.0
-    bar = tqdm(total=round(100 * (1 - target)), desc=f"global CAR to {target:.0%} {cost}",
+    bar = tqdm(total=round(100 * (1 - target)), desc=f"global CAR to {target:.0%} {budget}",
                unit="%", disable=not (progress and dist.is_main()))
     val_before = None
     while left > target:
@@ -256,7 +301,7 @@ def global_car_prune(model: nn.Module, data, target: float, layers: Sequence[str
                  for c in range(surgery.size(n))]
         if not units:
             warnings.warn(f"every layer is at its --min-keep floor with {left:.1%} of the "
-                          f"{cost} left, short of the target {target:.0%}; lower --min-keep",
+                          f"{budget} left, short of the target {target:.0%}; lower --min-keep",
                           stacklevel=2)
             break
         base, scores = scorer.score(surgery, units, scoring)
@@ -265,8 +310,7 @@ def global_car_prune(model: nn.Module, data, target: float, layers: Sequence[str
         for st in pending:
             st.val_accuracy = base_acc
         pending = []
-        costs = [c for n in leaders if surgery.size(n) > floors[n]
-                 for c in unit_costs(surgery, n, cost)]
+        costs = [c for n in leaders if surgery.size(n) > floors[n] for c in costs_of(n)]
         quantum = (float(scores.loss.abs().max()) or 1.0) * 1e-6
         keys = [((int(base.correct[0]) - int(scores.correct[i])) / costs[i],
                  round((float(scores.loss[i]) - float(base.loss[0])) / quantum) / costs[i],
@@ -286,10 +330,10 @@ def global_car_prune(model: nn.Module, data, target: float, layers: Sequence[str
             removed = surgery.remove(name, channels)
             records[name].removed += removed
             records[name].filters_after = surgery.size(name)
-            now = macs_params(model, shape)[which] / original
+            now = amount() / original
             pending.append(GlobalStep(name, removed, car, saved, float("nan"), now))
             steps.append(pending[-1])
-            bar.update(round(100 * (left - now)))
+            bar.update(max(0, round(100 * (1 - now)) - bar.n))
             left = now
     bar.close()
     val_after = float(scorer.score(surgery, [], scoring)[0].accuracy()[0])

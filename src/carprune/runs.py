@@ -127,18 +127,21 @@ def evaluate_run(args) -> None:
 
 
 def prune_run(checkpoint, data, layers: list[str] | None, keep: float, out: str,
-              step: int = 1, score_samples: int | None = None, engine: str = "fast",
+              step: int = 1, screen: int | None = None, score_samples: int | None = None,
+              engine: str = "fast",
               memory_budget_gib: float = DEFAULT_MEMORY_BUDGET / 2**30,
               finetune_epochs: int = 2, finetune_lr: float = 0.01, seed: int = 0,
               criterion: str = "car", train_samples: int | None = None,
-              restart: bool = False, target: float | None = None, cost: str = "macs",
+              restart: bool = False, target: float | None = None, budget: str = "macs",
+              cost: str | None = None,
               min_keep: float = 0.1, ignore: list[str] | None = None,
               labels: str = "data") -> dict:
     """Check everything, prune, fine-tune, write DIR; returns result.json's content.
 
     checkpoint: a checkpoint directory, a shipped name, or a model (e.g. from a factory).
-    target: a fraction of the original `cost` (macs or params) for global CAR over `layers`
-    (default: every prunable conv); without it, each of `layers` is pruned to `keep`.
+    target, budget, cost: global CAR over `layers` (default: every prunable conv) to `target`
+    of `budget` (see global_car_prune); without a target, each of `layers` is pruned to
+    `keep`.
     labels: "data", or "model" to score against the unpruned network's own predictions.
     State is kept in DIR after every CAR step and fine-tuning epoch: the same call on the same
     DIR resumes an interrupted run (see resume.py)."""
@@ -149,8 +152,8 @@ def prune_run(checkpoint, data, layers: list[str] | None, keep: float, out: str,
     surgery = Surgery(copy.deepcopy(model), data.val.tensors[0][:1])
     if target is None:
         if not layers:
-            raise CarpruneError("name the layers to prune with --layers, or give --target-macs "
-                                "or --target-params for a global run")
+            raise CarpruneError("name the layers to prune with --layers, or give --target-macs, "
+                                "--target-params or --target-latency-ms for a global run")
         check_layers(surgery, layers)
         for name in layers:
             resolve_keep(keep, surgery.size(name), name)
@@ -170,10 +173,12 @@ def prune_run(checkpoint, data, layers: list[str] | None, keep: float, out: str,
     train = first_images(data.train, train_samples, "--train-samples")
     config = {"checkpoint": source, "weights": model.carprune_spec.get("weights_sha256"),
               "data": data.name, "val_images": len(data.val), "layers": list(layers or []),
-              "keep": keep, "step": step, "score_samples": len(scoring), "engine": engine,
+              "keep": keep, "step": step, "screen": screen, "score_samples": len(scoring),
+              "engine": engine,
               "criterion": criterion, "finetune_epochs": finetune_epochs,
               "finetune_lr": finetune_lr, "train_samples": len(train), "seed": seed,
-              "target": target, "cost": cost, "min_keep": min_keep, "ignore": ignore or [],
+              "target": target, "budget": budget, "cost": cost, "min_keep": min_keep,
+              "ignore": ignore or [],
               "labels": labels}
     state = RunState.open(out, config, restart)
     shape = data.input_shape
@@ -183,12 +188,13 @@ def prune_run(checkpoint, data, layers: list[str] | None, keep: float, out: str,
     global_steps = None
     if target is not None:
         result, global_steps = global_car_prune(
-            model, scoring, target, layers=layers, cost=cost, min_keep=min_keep, step=step,
+            model, scoring, target, layers=layers, budget=budget, cost=cost,
+            min_keep=min_keep, step=step,
             ignore=ignore or (), engine=engine, memory_budget=int(memory_budget_gib * 2**30),
             num_classes=data.num_classes)
     elif criterion == "car":
-        result = car_prune(model, scoring, layers, keep=keep, step=step, engine=engine,
-                           memory_budget=int(memory_budget_gib * 2**30),
+        result = car_prune(model, scoring, layers, keep=keep, step=step, screen=screen,
+                           engine=engine, memory_budget=int(memory_budget_gib * 2**30),
                            num_classes=data.num_classes, done=state.layers(),
                            val_before=state.saved.get("val_before"), on_step=state.save_layers)
     else:
@@ -207,7 +213,8 @@ def prune_run(checkpoint, data, layers: list[str] | None, keep: float, out: str,
     after = speed_report(pruned, shape)
     summary = {
         "command": command_line(), "checkpoint": str(checkpoint), "criterion": criterion,
-        "engine": result.engine, "step": step, "keep": keep, "score_samples": len(scoring),
+        "engine": result.engine, "step": step, "screen": screen, "keep": keep,
+        "score_samples": len(scoring),
         "seconds": {"prune": result.seconds, "finetune": finetune_seconds},
         "model": {"params_before": before["params"], "params_after": after["params"],
                   "macs_before": before["macs"], "macs_after": after["macs"],
@@ -222,7 +229,8 @@ def prune_run(checkpoint, data, layers: list[str] | None, keep: float, out: str,
         "layers": result.to_json(),
     }
     if global_steps is not None:
-        summary["global"] = {"target": target, "cost": cost, "min_keep": min_keep,
+        summary["global"] = {"target": target, "budget": budget, "cost": cost or budget,
+                             "min_keep": min_keep,
                              "steps": [asdict(st) for st in global_steps]}
     summary["accuracy"]["val_agreement_pruned"] = agree_pruned
     summary["accuracy"]["val_agreement_finetuned"] = agreement(model, pruned, data.val)
@@ -230,6 +238,8 @@ def prune_run(checkpoint, data, layers: list[str] | None, keep: float, out: str,
     if not dist.is_main():
         return summary
     io.save(pruned, out, extra={"pruned_by": summary["command"]})
+    if global_steps is not None:
+        io.atomic_write(Path(out) / "filters_kept.png", filters_kept_png(result, global_steps))
     io.write_json(Path(out) / "result.json", summary)
     rows = [[name, f"{rec.filters_before} -> {rec.filters_after}",
              " ".join(map(str, rec.removed[:10])) + (" ..." if len(rec.removed) > 10 else "")]
@@ -251,6 +261,35 @@ def prune_run(checkpoint, data, layers: list[str] | None, keep: float, out: str,
     return summary
 
 
+def filters_kept_png(result, steps) -> bytes:
+    """Global CAR's order across layers: each layer's share of filters kept against the
+    budget left, one line per layer."""
+    from matplotlib.figure import Figure
+
+    from .interpret.pictures import png
+
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    for name, rec in result.layers.items():
+        kept, xs, ys = rec.filters_before, [100.0], [100.0]
+        for st in steps:
+            if st.layer == name:
+                kept -= len(st.removed)
+                xs.append(100 * st.remaining)
+                ys.append(100 * kept / rec.filters_before)
+        xs.append(100 * steps[-1].remaining if steps else 100.0)
+        ys.append(ys[-1])
+        ax.step(xs, ys, where="post", label=f"{name} ({rec.filters_before} -> "
+                f"{rec.filters_after})")
+    ax.invert_xaxis()
+    ax.set_xlabel("budget left (% of the original)")
+    ax.set_ylabel("filters kept (% of the layer)")
+    ax.set_title("global CAR: which layers give up filters as the budget shrinks")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return png(fig, dpi=110)
+
+
 def bench_run(args) -> None:
     """`carprune bench`: fast against naive engine, speed-ups and bounds, bench.json."""
     from . import bench
@@ -263,12 +302,17 @@ def bench_run(args) -> None:
     scoring = ScoringSet.from_any(first_images(data.val, args.score_samples, "--score-samples"),
                                   data.num_classes)
     rows, throughput = bench.bench_layers(model, scoring, layers, args.steps)
-    run_seconds = overall = None
+    run_seconds = overall = approximate = None
     if not args.no_whole_run:
         print(f"whole run: every layer to keep {args.keep} with the fast engine ...")
-        run_seconds, run_cands = bench.whole_run(model, scoring, layers, args.keep)
+        exact, run_cands = bench.whole_run(model, scoring, layers, args.keep)
+        run_seconds = exact.seconds
         overall = bench.overall_speedup(rows, run_seconds, run_cands)
-    report = bench.to_json(rows, throughput, run_seconds, overall, scoring.total, args.steps)
+        if args.approx:
+            approximate = bench.approximations(model, scoring, data.test, exact, layers,
+                                               args.keep, args.approx_step, args.approx_screen)
+    report = bench.to_json(rows, throughput, run_seconds, overall, scoring.total, args.steps,
+                           approximate)
     io.write_json(Path(args.out) / "bench.json", report)
     print(table([[r.layer, r.candidates, f"{r.naive_seconds:.2f}", f"{r.fast_seconds:.2f}",
                   f"{r.speedup:.1f}x", f"{r.bound_seconds:.2f}",
@@ -278,6 +322,13 @@ def bench_run(args) -> None:
                  "fast/bound", "same picks"]))
     print(f"scoring set: {scoring.total} images; network throughput "
           f"{throughput / 1e9:.1f} GMAC/s on {torch.get_num_threads()} threads")
+    if approximate:
+        print("approximate modes against the exact whole run:")
+        print(table([[a["mode"], f"{a['seconds']:.1f}", f"{a['speedup']:.1f}x",
+                      f"{a['identical_picks']:.0%}", f"{100 * a['val_diff']:+.2f}",
+                      f"{100 * a['test_diff']:+.2f}"] for a in approximate],
+                    ["mode", "seconds", "faster", "same picks", "val acc diff (points)",
+                     "test acc diff (points)"]))
     same = "yes" if report["identical_picks"] else "NO"
     if overall is not None:
         print(f"whole run (every layer to keep {args.keep}, fast engine): {run_seconds:.1f} s")

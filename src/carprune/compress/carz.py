@@ -132,17 +132,29 @@ def _encode_entries(codebook: np.ndarray, symbols: np.ndarray, gaps: np.ndarray,
     return w.getvalue()
 
 
-def decode_weight(payload: bytes, shape: torch.Size) -> torch.Tensor:
+def _read_entries(payload: bytes):
+    """The codebook, gaps and value symbols of a coded payload, and the bits each part took."""
     r = BitReader(payload)
     k = r.read(8) + 1
     codebook = np.array([r.read(16) for _ in range(k)], np.uint16).view(np.float16)
+    bits = {"codebook": r.position}
     g = r.read(3) + 1
     m = r.gamma() - 1
     value_lengths = r.table(k + 1)
     n = r.read(g) + 1
     gap_lengths = r.table(n)
+    bits["code tables"] = r.position - bits["codebook"]
     gaps = r.symbols(m, gap_lengths)
+    bits["gaps"] = r.position - sum(bits.values())
     values = r.symbols(m, value_lengths)
+    bits["values"] = r.position - sum(bits.values())
+    bits["padding"] = 8 * len(payload) - r.position
+    return codebook, gaps, values, bits
+
+
+def decode_weight(payload: bytes, shape: torch.Size) -> torch.Tensor:
+    codebook, gaps, values, _ = _read_entries(payload)
+    m = len(gaps)
     positions = np.cumsum(gaps + 1) - 1
     numel = int(np.prod(shape))
     if m and positions[-1] >= numel:
@@ -235,6 +247,21 @@ def record_sizes(path: str | os.PathLike) -> dict[str, int]:
                             "re-run carprune compress") from None
     return {name: end - start for name, (start, end) in zip(header["tensors"], spans,
                                                              strict=True)}
+
+
+def coded_breakdown(path: str | os.PathLike) -> dict[str, dict[str, float]]:
+    """Where the bytes of each coded weight's record go: its record framing (length and kind),
+    codebook, code tables, gap codes, value codes and final padding, read back from the file."""
+    body = _read_body(Path(path))
+    header, spans = _records(body)
+    parts = {}
+    for name, (start, end) in zip(header["tensors"], spans, strict=True):
+        _, pos = _read_varint(body, start)
+        if body[pos] != CODED:
+            continue
+        bits = _read_entries(body[pos + 1:end])[3]
+        parts[name] = {"framing": pos + 1 - start, **{k: v / 8 for k, v in bits.items()}}
+    return parts
 
 
 def load_carz(path: str | os.PathLike) -> nn.Module:

@@ -92,6 +92,11 @@ class BitReader:
         chunk, self._pos = self._bits[self._pos:end], end
         return chunk
 
+    @property
+    def position(self) -> int:
+        """Bits read so far."""
+        return self._pos
+
     def read(self, width: int) -> int:
         return int(self._take(width), 2) if width else 0
 

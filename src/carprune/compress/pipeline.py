@@ -21,7 +21,7 @@ from .. import io
 from ..data import check_fits
 from ..errors import CarpruneError
 from ..train import evaluate, fit
-from .carz import load_carz, record_sizes, write_carz
+from .carz import coded_breakdown, load_carz, record_sizes, write_carz
 from .kmeans import freeze_, quantize_
 
 STAGES = ("original", "car", "pruned", "quantized", "coded")
@@ -181,6 +181,7 @@ def compress_run(checkpoint_or_run_dir: str | os.PathLike, data, out: str | os.P
     write_carz(path, model, [f"{name}.weight" for name in names])
     accuracy["final"] = evaluate(load_carz(path), test).accuracy
     records = record_sizes(path)
+    parts = coded_breakdown(path)
     for name in names:
         sizes[name]["coded"] = records[f"{name}.weight"]
     raw = dense_bytes(others)
@@ -189,17 +190,31 @@ def compress_run(checkpoint_or_run_dir: str | os.PathLike, data, out: str | os.P
              "pruned": sum(s["pruned"] for s in sizes.values()) + raw,
              "quantized": sum(s["quantized"] for s in sizes.values()) + raw,
              "coded": os.path.getsize(path)}
-    report = {"layers": {name: {"bytes": s, "factor": s["original"] / s["coded"]}
+    report = {"layers": {name: {"bytes": s, "factor": s["original"] / s["coded"],
+                                "coded_parts": parts[f"{name}.weight"]}
                          for name, s in sizes.items()},
               "total": {"bytes": total, "factor": total["original"] / total["coded"]},
               "accuracy": accuracy}
     io.write_json(out / "sizes.json", report)
     print(size_table(report, zeros, codebooks))
+    print(parts_table(report))
     if base is None:
         print("baseline accuracy unknown: the run names no unpruned checkpoint found here; "
               "pass baseline= (the CLI's --baseline) to report it")
     print(f"written to {path} and {out / 'sizes.json'}")
     return report
+
+
+def parts_table(report: dict) -> str:
+    """Where each layer's coded bytes go, read back from its record in the file."""
+    names = list(next(iter(report["layers"].values()))["coded_parts"])
+    rows = [[name, *(f"{entry['coded_parts'][p]:g}" for p in names), str(entry["bytes"]["coded"])]
+            for name, entry in report["layers"].items()]
+    header = ["coded bytes", *names, "record"]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w)
+                               for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip()
+                     for r in [header, *rows])
 
 
 def size_table(report: dict, zeros: Mapping[str, float], centroids: Mapping[str, int]) -> str:

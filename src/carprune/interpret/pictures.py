@@ -27,7 +27,7 @@ from .class_importance import ClassImportance
 
 _SPATIAL = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
 _GLOBAL = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Linear)
-_PER_CHANNEL = (_BatchNorm, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.GELU,
+_PER_CHANNEL = (_BatchNorm, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SiLU, nn.GELU,
                 nn.Hardswish, nn.Mish)
 _ACTIVATION_FNS = {F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.silu, F.gelu,
                    F.hardswish, F.mish, "relu", "relu_"}

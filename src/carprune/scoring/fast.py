@@ -29,6 +29,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.utils import _pair
 
 from ..groups import Surgery, Unit
 from ._common import Scores, ScoringSet
@@ -47,6 +48,15 @@ class _Plan:
     consumer: nn.Module
     norm: _BatchNorm | None               # a BatchNorm right after the consumer, folded in
     in_index: Callable[[int], list[int]]  # unit channel -> consumer input indices
+    pool: nn.Module | None                # a pool that alone reads the consumer's output
+
+    def used(self, height: int, width: int) -> tuple[int, int]:
+        """The rows and columns of the consumer's output that reach the tail: a pool without
+        padding or ceil mode never reads the remainder beyond its last window."""
+        if self.pool is None:
+            return height, width
+        k, s = (_pair(self.pool.kernel_size), _pair(self.pool.stride or self.pool.kernel_size))
+        return tuple((n - k[i]) // s[i] * s[i] + k[i] for i, n in enumerate((height, width)))
 
     def full(self, x: torch.Tensor) -> torch.Tensor:
         z = self.consumer(x)
@@ -149,7 +159,23 @@ def plan_layer(surgery: Surgery, layer: str) -> _Plan | None:
     def in_index(channel: int) -> list[int]:
         return surgery.consumers(layer, channel)[0][1]
 
-    return _Plan(head, tail, consumer, norm, in_index)
+    return _Plan(head, tail, consumer, norm, in_index, _cropping_pool(tail))
+
+
+def _cropping_pool(tail: fx.GraphModule) -> nn.Module | None:
+    """The tail's pool when it is the only reader of the consumer's output and has no padding,
+    dilation or ceil mode (so the rows and columns past its last window are never read)."""
+    modules = dict(tail.named_modules())
+    out = next(n for n in tail.graph.nodes if n.op == "placeholder")
+    if len(out.users) != 1:
+        return None
+    user = next(iter(out.users))
+    pool = modules.get(user.target) if user.op == "call_module" else None
+    if not isinstance(pool, nn.MaxPool2d | nn.AvgPool2d) or pool.ceil_mode \
+            or _pair(pool.padding) != (0, 0) or _pair(getattr(pool, "dilation", 1)) != (1, 1) \
+            or user.args[0] is not out:
+        return None
+    return pool
 
 
 def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -179,18 +205,22 @@ def _pool_before_relu(tail: fx.GraphModule) -> None:
     tail.recompile()
 
 
-def _columns(consumer: nn.Module, x: torch.Tensor, z: torch.Tensor):
-    """Per batch, once: the consumer's input arranged per input index, and its output z laid out
-    for subtraction. Conv: im2col patches (C, B*L, kh*kw) and z as (1, B*L, C'); linear: the
-    flattened features (B, F) and z itself."""
+def _columns(plan: _Plan, x: torch.Tensor, z: torch.Tensor):
+    """Per batch, once: the consumer's input arranged per input index, and its output z (only
+    the positions the tail reads) laid out for subtraction. Conv: im2col patches
+    (C, B*L, kh*kw) and z as (1, B*L, C'), L the positions read; linear: the flattened features
+    (B, F) and z itself. Returns them and z cropped."""
+    consumer = plan.consumer
     if isinstance(consumer, nn.Conv2d):
         kh, kw = consumer.kernel_size
+        b, _, height, width = z.shape
+        h, w = plan.used(height, width)
+        z = z[:, :, :h, :w]
         cols = F.unfold(x, (kh, kw), consumer.dilation, consumer.padding, consumer.stride)
-        b, length = x.shape[0], cols.shape[-1]
-        cols = cols.view(b, -1, kh * kw, length).permute(1, 0, 3, 2).reshape(-1, b * length,
-                                                                               kh * kw)
-        return cols, z.permute(0, 2, 3, 1).reshape(1, b * length, z.shape[1])
-    return x.reshape(x.shape[0], -1), z
+        cols = cols.view(b, -1, kh * kw, height, width)[..., :h, :w]
+        cols = cols.permute(1, 0, 3, 4, 2).reshape(-1, b * h * w, kh * kw)
+        return cols, z.permute(0, 2, 3, 1).reshape(1, b * h * w, z.shape[1]), z
+    return x.reshape(x.shape[0], -1), z, z
 
 
 def _without(weight: torch.Tensor, cols: torch.Tensor, zl: torch.Tensor, z: torch.Tensor,
@@ -305,7 +335,7 @@ class FastEngine:
         done = 0.0
         for x, z, side, (_, y) in zip(cache.inputs, full, cache.sides, scoring.batches,
                                       strict=True):
-            cols, zl = _columns(plan.consumer, x, z)
+            cols, zl, z = _columns(plan, x, z)
             for start in range(0, len(units), chunk):
                 rows = slice(start, min(start + chunk, len(units)))
                 k = rows.stop - rows.start

@@ -155,11 +155,13 @@ def plan_layer(surgery: Surgery, layer: str) -> _Plan | None:
 
     tail = fx.GraphModule(traced, tail_graph)
     _pool_before_relu(tail)
+    crop = _cropping_pool(tail)
+    _window_max_pools(tail)
 
     def in_index(channel: int) -> list[int]:
         return surgery.consumers(layer, channel)[0][1]
 
-    return _Plan(head, tail, consumer, norm, in_index, _cropping_pool(tail))
+    return _Plan(head, tail, consumer, norm, in_index, crop)
 
 
 def _cropping_pool(tail: fx.GraphModule) -> nn.Module | None:
@@ -205,6 +207,43 @@ def _pool_before_relu(tail: fx.GraphModule) -> None:
     tail.recompile()
 
 
+def _plain_max_pool(pool: nn.Module | None) -> bool:
+    """A max pool whose windows tile the input: stride = kernel, no padding or dilation."""
+    return isinstance(pool, nn.MaxPool2d) and not pool.ceil_mode and not pool.return_indices \
+        and _pair(pool.stride or pool.kernel_size) == _pair(pool.kernel_size) \
+        and _pair(pool.padding) == (0, 0) and _pair(pool.dilation) == (1, 1)
+
+
+def _window_max(x: torch.Tensor, kernel: tuple[int, int]) -> torch.Tensor:
+    """max_pool2d with windows that tile the input, as elementwise maxima over a channels_last
+    view: the same numbers (max is exact), about 3x faster on CPU than max_pool2d, which also
+    computes the arg-max indices. Other layouts and sizes go to max_pool2d."""
+    kh, kw = kernel
+    n, c, h, w = x.shape
+    if h % kh or w % kw or not x.is_contiguous(memory_format=torch.channels_last):
+        return F.max_pool2d(x, kernel)
+    v = x.permute(0, 2, 3, 1).view(n, h // kh, kh, w // kw, kw, c)
+    rows = v[:, :, 0]
+    for i in range(1, kh):
+        rows = torch.maximum(rows, v[:, :, i])
+    out = rows[:, :, :, 0]
+    for j in range(1, kw):
+        out = torch.maximum(out, rows[:, :, :, j])
+    return out.permute(0, 3, 1, 2)
+
+
+def _window_max_pools(tail: fx.GraphModule) -> None:
+    """Run the tail's tiling max pools as `_window_max`."""
+    modules = dict(tail.named_modules())
+    for node in tail.graph.nodes:
+        pool = modules.get(node.target) if node.op == "call_module" else None
+        if _plain_max_pool(pool) and len(node.args) == 1 and not node.kwargs:
+            node.op, node.target = "call_function", _window_max
+            node.args = (node.args[0], _pair(pool.kernel_size))
+    tail.graph.lint()
+    tail.recompile()
+
+
 def _columns(plan: _Plan, x: torch.Tensor, z: torch.Tensor):
     """Per batch, once: the consumer's input arranged per input index, and its output z (only
     the positions the tail reads) laid out for subtraction. Conv: im2col patches
@@ -238,7 +277,10 @@ def _without(weight: torch.Tensor, cols: torch.Tensor, zl: torch.Tensor, z: torc
             ck = ck.view(k, m, positions, kk).transpose(1, 2).reshape(k, positions, m * kk)
         c_out = weight.shape[0]
         w = weight[:, idx.reshape(-1)].reshape(c_out, k, m * kk).permute(1, 2, 0)
-        out = torch.baddbmm(zl, ck.view(k, positions, m * kk), w, alpha=-1)  # (K, B*L, C')
+        # (K, B*L, C'), a fresh copy of z per candidate (contiguous() would alias zl for K = 1),
+        # then in place: out -= ck @ w
+        out = zl.expand(k, -1, -1).clone(memory_format=torch.contiguous_format)
+        out.baddbmm_(ck.view(k, positions, m * kk), w, alpha=-1)
         return out.view(k * b, *z.shape[2:], c_out).permute(0, 3, 1, 2)
     contrib = torch.einsum("bkm,ckm->kbc", cols[:, idx], weight[:, idx])
     return (z.unsqueeze(0) - contrib).reshape(k * b, -1)

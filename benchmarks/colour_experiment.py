@@ -32,17 +32,25 @@ def main() -> None:
     index = colour_selectivity(model.conv1.weight)
     colour = {i for i, v in enumerate(index) if v > WEIGHT_THRESHOLD}
     n = model.conv1.out_channels
+    # threshold-free: the more colour-selective half of the layer
+    upper = set(sorted(range(n), key=lambda i: -index[i])[:n // 2])
     car = cp.car_prune(model, data.val, ["conv1"], keep=n - args.first).layers["conv1"].removed
     scoring = ScoringSet.from_any(data.val, 10)
     surgery = Surgery(copy.deepcopy(model), scoring.example())
     l1 = ranking("l1", surgery, "conv1", scoring)[:args.first]
-    randoms = [len(colour & set(ranking("random", surgery, "conv1", scoring, seed)[:args.first]))
-               for seed in range(20)]
+    random_orders = [ranking("random", surgery, "conv1", scoring, seed)[:args.first]
+                     for seed in range(20)]
+    randoms = [len(colour & set(order)) for order in random_orders]
+    upper_randoms = [len(upper & set(order)) for order in random_orders]
     result = {"threshold": WEIGHT_THRESHOLD, "first": args.first, "filters": n,
               "colour_filters": len(colour), "expected_at_share": len(colour) * args.first / n,
               "car": len(colour & set(car)), "l1": len(colour & set(l1)),
               "random_mean": statistics.mean(randoms), "random_min": min(randoms),
-              "random_max": max(randoms), "car_order": car, "colour_index": index.tolist(),
+              "random_max": max(randoms), "upper_half": {
+                  "car": len(upper & set(car)), "l1": len(upper & set(l1)),
+                  "random_mean": statistics.mean(upper_randoms),
+                  "expected_at_share": args.first / 2},
+              "car_order": car, "colour_index": index.tolist(),
               "test_accuracy": cp.evaluate(model, data.test).accuracy}
     io.write_json(args.out, result)
     print(f"conv1: {len(colour)} of {n} filters are colour-selective (weight colour index > "
@@ -51,6 +59,10 @@ def main() -> None:
     print(f"colour filters among the first {args.first} removed: CAR {result['car']}, "
           f"l1 {result['l1']}, random {result['random_mean']:.1f} "
           f"(min {min(randoms)}, max {max(randoms)}, 20 seeds)")
+    half = result["upper_half"]
+    print(f"threshold-free: of the first {args.first} removed, from the more colour-selective "
+          f"half of the layer: CAR {half['car']}, l1 {half['l1']}, random "
+          f"{half['random_mean']:.1f} (share {args.first / 2:.0f})")
     print(f"written to {args.out}")
 
 

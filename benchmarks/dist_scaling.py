@@ -2,14 +2,15 @@
 paper estimate for 8 GPUs on an ImageNet-size scoring set.
 
     python benchmarks/dist_scaling.py [--layer conv2] [--procs 1 2 4] [--gpu-tmacs 150]
-        [--picks convnet-fmnist resnet20-fmnist] [--out runs/dist.json]
+        [--picks convnet-fmnist resnet20] [--out runs/dist.json]
 
 One scoring pass = every filter of the layer scored with the fast engine over the 5 000 val
-images. Picks: `carprune prune` of two layers of each checkpoint (300 scoring images, no
-fine-tuning) under torchrun with each process count; the removed filters and the saved weights
-must equal one process's. The estimate takes the MACs the fast engine cannot avoid per
-candidate and image, scales them to ResNet-50 on 50 000 images, divides by 8 GPUs at an assumed
-sustained throughput (--gpu-tmacs, tera-MAC/s, stated in the output) and adds the all-reduced
+images. Picks: `carprune prune` of two layers of each network (300 scoring images, keep 0.875,
+no fine-tuning; resnet20 trained briefly here) under torchrun with each process count; the
+removed filters and the saved weights must equal one process's. The estimate takes the MACs
+the fast engine cannot avoid per candidate and image, scales them to ResNet-50 on 50 000
+images, divides by 8 GPUs at an assumed sustained throughput (--gpu-tmacs, tera-MAC/s, stated
+in the output) times the share of its bound the engine reaches here, and adds the all-reduced
 bytes per step.
 """
 
@@ -76,16 +77,38 @@ def run(nproc: int, layer: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def checkpoint_for(name: str, tmp: Path) -> str:
+    """A shipped checkpoint, or for a zoo architecture without one (resnet20) the network
+    trained one short epoch on 2 000 images and saved: enough for filters to differ."""
+    import carprune as cp
+
+    if name not in cp.models.list_models():
+        return name
+    data = cp.data.fashion_mnist()
+    torch.manual_seed(0)
+    model = cp.create_model(name)
+    small = torch.utils.data.TensorDataset(*[t[:2000] for t in data.train.tensors])
+    cp.fit(model, small, epochs=1, lr=0.05, seed=0, progress=False)
+    model.carprune_spec = {"arch": {"name": name, "kwargs": {}}, "input_shape": [1, 28, 28],
+                           "data": data.describe()}
+    cp.save(model.eval(), tmp / name)
+    return str(tmp / name)
+
+
 def picks(nproc: int, checkpoint: str, out: Path) -> tuple[dict, bytes]:
-    """Removed filters per layer and the saved weights of a short prune run."""
+    """Removed filters per layer and the saved weights of a short prune run: the last layer
+    the fast engine handles, and the first layer of a residual group (the naive path) or else
+    the first layer."""
     import carprune as cp
     from carprune.groups import Surgery
 
     model = cp.load(checkpoint)
-    layers = Surgery(model, torch.zeros(1, *model.carprune_spec["input_shape"])).conv_layers()
-    chosen = [layers[-1], layers[len(layers) // 2]]
+    surgery = Surgery(model, torch.zeros(1, *model.carprune_spec["input_shape"]))
+    layers = surgery.conv_layers()
+    plain = [n for n in layers if not surgery.coupled(n)]
+    chosen = [plain[-1], ([n for n in layers if surgery.coupled(n)] or plain)[0]]
     subprocess.run([*launcher(nproc), "-m", "carprune", "prune", checkpoint, "--layers", *chosen,
-                    "--keep", "0.75", "--score-samples", "300", "--finetune-epochs", "0",
+                    "--keep", "0.875", "--score-samples", "300", "--finetune-epochs", "0",
                     "--out", str(out)], env=env_for(nproc), capture_output=True, text=True,
                    check=True)
     result = json.loads((out / "result.json").read_text())
@@ -97,9 +120,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layer", default="conv2")
     parser.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--picks", nargs="*", default=["convnet-fmnist", "resnet20-fmnist"],
-                        help="checkpoints whose prune runs must pick the same under every "
-                             "process count")
+    parser.add_argument("--picks", nargs="*", default=["convnet-fmnist", "resnet20"],
+                        help="checkpoints (or zoo architectures, briefly trained here) whose "
+                             "prune runs must pick the same under every process count")
     parser.add_argument("--gpu-tmacs", type=float, default=150.0,
                         help="assumed sustained tera-MAC/s of one GPU for the estimate")
     parser.add_argument("--out", default="runs/dist.json")
@@ -126,13 +149,13 @@ def main() -> None:
     print(f"  identical counts: {'yes' if same_counts else 'NO'}; all-reduced per step: "
           f"{step_bytes} bytes")
     with tempfile.TemporaryDirectory() as tmp:
-        for checkpoint in args.picks:
-            runs = {n: picks(n, checkpoint, Path(tmp) / f"{checkpoint}-{n}")
-                    for n in args.procs}
+        for name in args.picks:
+            checkpoint = checkpoint_for(name, Path(tmp))
+            runs = {n: picks(n, checkpoint, Path(tmp) / f"{name}-{n}") for n in args.procs}
             base = runs[args.procs[0]]
             same = {n: r[0] == base[0] and r[1] == base[1] for n, r in runs.items()}
-            report["picks"][checkpoint] = {"removed": base[0], "identical": same}
-            print(f"  {checkpoint}: picks and weights identical to 1 process with "
+            report["picks"][name] = {"removed": base[0], "identical": same}
+            print(f"  {name}: picks and weights identical to 1 process with "
                   + ", ".join(f"{n}: {'yes' if ok else 'NO'}" for n, ok in same.items()))
     # ResNet-50 on ImageNet: 4.1 GMAC an image; for a middle-stage conv the fast engine still
     # runs about half the network per candidate (everything after the consumer), at the share

@@ -29,6 +29,9 @@ def test_help_lists_the_commands():
     (["--layers", "conv1", "conv1"], "listed twice"),
     (["--layers", "conv1", "--score-samples", "0"], "must be positive"),
     (["--layers", "conv1", "--data", "mnist", "--data-dir", "/nonexistent"], "does not exist"),
+    (["--layers", "conv1", "--step", "4", "--screen", "2"], "--screen must be at least"),
+    (["--target-macs", "0.5", "--target-params", "0.5"], "give one budget"),
+    (["--target-latency-ms", "1000"], "below the network's measured"),
 ])
 def test_prune_bad_input_exit_2_and_no_output(tmp_path, args, words):
     out = tmp_path / "run"
@@ -72,3 +75,31 @@ def test_prune_end_to_end_outputs(tmp_path, fmnist):
     assert acc == pytest.approx(result["accuracy"]["test_finetuned"], abs=1e-12)
     x = fmnist.test.tensors[0][:8]
     assert torch.equal(model(x), cp.load(out)(x))
+
+
+def test_bench_overall_by_hand(baseline):
+    from carprune.bench import LayerBench, overall_speedup, run_candidates
+
+    assert run_candidates(baseline, ["conv1", "conv3"], 0.5) == {
+        "conv1": sum(range(17, 33)), "conv3": sum(range(33, 65))}
+    rows = [LayerBench("conv1", 10, 20.0, 5.0, 4.0, [], []),
+            LayerBench("conv3", 20, 10.0, 1.0, 0.5, [], [])]
+    cands = {"conv1": 100, "conv3": 50}
+    # naive: 2 s and 0.5 s a candidate; fast: 0.5 s and 0.05 s
+    assert overall_speedup(rows, cands) == pytest.approx((200 + 25) / (50 + 2.5))
+    assert overall_speedup(rows, cands, run_seconds=45.0) == pytest.approx(225 / 45)
+
+
+def test_bench_end_to_end_small(tmp_path):
+    out = tmp_path / "bench"
+    proc = run("bench", "--layers", "conv3", "--steps", "1", "--score-samples", "200",
+               "--keep", "60", "--approx", "--approx-step", "2", "--approx-screen", "3",
+               "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "bench.json").read_text())
+    assert report["identical_picks"] and report["layers"][0]["picks_naive"] == \
+        report["layers"][0]["picks_fast"]
+    assert report["layers"][0]["candidates"] == 64
+    assert [a["mode"] for a in report["approximate"]] == ["--step 2", "--screen 3"]
+    assert all(0 <= a["identical_picks"] <= 1 for a in report["approximate"])
+    assert "overall speed-up:" in proc.stdout.splitlines()[-2]

@@ -72,3 +72,21 @@ def test_compare_rows_and_car_curve(baseline, fmnist):
     assert car[16] == steps[15].val_accuracy and car[8] == steps[23].val_accuracy
     oneshot = {p.kept: p.val_accuracy for p in points if p.criterion == "car-oneshot"}
     assert all(car[k] >= oneshot[k] for k in (16, 8))  # re-scoring earns its cost on val
+
+
+def test_margins_and_oneshot_gaps_by_hand():
+    def point(criterion, kept, test, retrained=False, low=None, high=None):
+        return compare.Point("conv1", criterion, kept, retrained, float("nan"), test,
+                             test if low is None else low, test if high is None else high, 1)
+
+    points = [point("car", 16, 0.80), point("car-oneshot", 16, 0.75), point("l1", 16, 0.60),
+              point("taylor", 16, 0.70), point("car", 24, 0.90), point("car-oneshot", 24, 0.91),
+              point("car", 16, 0.85, True, 0.84, 0.86), point("l1", 16, 0.86, True, 0.85, 0.87)]
+    m = compare.margins(points, 0.5, {"conv1": 32})["conv1"]
+    assert m["kept"] == 16 and m["best_other"] == "taylor"
+    assert m["margin"] == pytest.approx(0.10)
+    r = compare.margins(points, 0.5, {"conv1": 32}, retrained=True)["conv1"]
+    assert r["best_other"] == "l1" and r["margin"] == pytest.approx(-0.01)
+    assert r["spread"]["car"] == [0.84, 0.86]
+    gaps = compare.oneshot_gaps(points)["conv1"]
+    assert gaps == {16: pytest.approx(0.05), 24: pytest.approx(-0.01)}

@@ -189,5 +189,6 @@ def test_factory_model_through_the_cli(tmp_path, fmnist):
     assert result["model"]["macs_after"] <= 0.7 * result["model"]["macs_before"]
     assert 0 < result["accuracy"]["val_agreement_pruned"] <= 1
     assert [s["layer"] for s in result["global"]["steps"]]
+    assert (tmp_path / "run" / "filters_kept.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     reloaded = cp.load(tmp_path / "run")
     assert reloaded(fmnist.test.tensors[0][:2]).shape == (2, 10)

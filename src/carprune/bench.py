@@ -15,10 +15,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .groups import Surgery, Unit
 from .measure import module_macs
-from .prune import PruneResult, car_prune
+from .prune import PruneResult, car_prune, resolve_keep
 from .scoring import FastEngine, NaiveEngine, ScoringSet, rank
 from .scoring.fast import plan_layer
 from .scoring.naive import full_pass
@@ -52,16 +53,22 @@ def tail_macs(surgery: Surgery, layer: str, macs: dict[str, int]) -> int:
     return sum(v for k, v in macs.items() if k in called)
 
 
-def _greedy(engine, surgery: Surgery, layer: str, scoring: ScoringSet, steps: int):
+def _greedy(engine, surgery: Surgery, layer: str, scoring: ScoringSet, steps: int,
+            progress: bool = True):
     picks, candidates = [], 0
+    n = surgery.size(layer)
+    bar = tqdm(total=sum(range(n - steps + 1, n + 1)), desc=f"{engine.name} {layer}",
+               unit="cand", disable=not progress)
     start = time.perf_counter()
     for _ in range(steps):
         units = [Unit(layer, c) for c in range(surgery.size(layer))]
         candidates += len(units)
-        _, scores = engine.score(surgery, units, scoring)
+        _, scores = engine.score(surgery, units, scoring, bar.update)
         chosen = rank(scores, surgery.alive[layer])[0]
         picks += surgery.remove(layer, [chosen])
-    return picks, candidates, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    bar.close()
+    return picks, candidates, seconds
 
 
 def bench_layers(model: nn.Module, scoring: ScoringSet, layers: list[str], steps: int,
@@ -121,12 +128,23 @@ def approximations(model: nn.Module, scoring: ScoringSet, test, exact: PruneResu
     return rows
 
 
-def overall_speedup(rows: list[LayerBench], run_seconds: float,
-                    run_candidates: dict[str, int]) -> float:
-    """Naive time of the whole run (its candidates at the naive per-candidate cost measured per
-    layer) over the fast engine's measured time for that run."""
-    naive = sum(r.naive_seconds / r.candidates * run_candidates[r.layer] for r in rows)
-    return naive / run_seconds
+def run_candidates(model: nn.Module, layers: list[str], keep: float) -> dict[str, int]:
+    """Candidates exact greedy CAR scores taking each layer to `keep`: n + (n-1) + ... down to
+    one above the target."""
+    sizes = {name: m.out_channels for name, m in model.named_modules() if name in layers}
+    return {name: sum(range(resolve_keep(keep, n, name) + 1, n + 1))
+            for name, n in sizes.items()}
+
+
+def overall_speedup(rows: list[LayerBench], candidates: dict[str, int],
+                    run_seconds: float | None = None) -> float:
+    """Naive time of a whole run (its candidates at the naive per-candidate cost measured per
+    layer) over the fast engine's: measured for that run when `run_seconds` is given, else
+    its candidates at the fast per-candidate cost measured per layer."""
+    naive = sum(r.naive_seconds / r.candidates * candidates[r.layer] for r in rows)
+    fast = run_seconds if run_seconds is not None else \
+        sum(r.fast_seconds / r.candidates * candidates[r.layer] for r in rows)
+    return naive / fast
 
 
 def to_json(rows: list[LayerBench], throughput: float, run_seconds: float | None,

@@ -119,7 +119,8 @@ def _layer_value(kind):
 
 def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="fashion-mnist",
-                   help="fashion-mnist, mnist (with --data-dir) or an image-folder path")
+                   help="fashion-mnist, fashion-mnist-colour (randomly tinted), mnist (with "
+                        "--data-dir) or an image-folder path")
     p.add_argument("--data-dir", default=None,
                    help="folder with the IDX files (default: Debian's path or $CARPRUNE_DATA)")
 
@@ -230,10 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=3, help="greedy steps per layer (default 3)")
     p.add_argument("--score-samples", type=int, default=None)
     p.add_argument("--keep", type=_keep, default=0.5, help="keep for the whole timed run")
-    p.add_argument("--no-whole-run", action="store_true", help="skip the whole timed run")
+    p.add_argument("--whole-run", action="store_true",
+                   help="also time exact fast CAR of every layer to --keep, end to end (about "
+                        "4 more minutes on two cores)")
     p.add_argument("--approx", action="store_true",
-                   help="after the whole run, run the approximate modes and report their "
-                        "agreement with it")
+                   help="also run the approximate modes and report their agreement with the "
+                        "whole run (implies --whole-run)")
     p.add_argument("--approx-step", type=int, default=4, help="K for --step K (default 4)")
     p.add_argument("--approx-screen", type=int, default=8,
                    help="M for --screen M (default 8)")

@@ -122,6 +122,17 @@ def to_csv(points: list[Point]) -> str:
     return buf.getvalue()
 
 
+def oneshot_gaps(points: list[Point]) -> dict[str, dict[int, float]]:
+    """Per layer and filters kept (no retraining): car's test accuracy minus car-oneshot's,
+    what re-scoring after every removal buys."""
+    acc = {(p.layer, p.criterion, p.kept): p.test_accuracy for p in points if not p.retrained}
+    gaps: dict[str, dict[int, float]] = {}
+    for (layer, criterion, kept), value in acc.items():
+        if criterion == "car" and (layer, "car-oneshot", kept) in acc:
+            gaps.setdefault(layer, {})[kept] = value - acc[(layer, "car-oneshot", kept)]
+    return gaps
+
+
 def margins(points: list[Point], kept_fraction: float, sizes: dict[str, int],
             retrained: bool = False) -> dict[str, dict]:
     """Per layer at the given keep: each criterion's test accuracy and CAR's margin over the

@@ -77,6 +77,22 @@ def check_layers(surgery: Surgery, layers: Sequence[str]) -> None:
         surgery.check_layer(name)
 
 
+def _open(model: nn.Module, data, num_classes: int | None,
+          inplace: bool) -> tuple[nn.Module, ScoringSet, Surgery]:
+    """The network to prune (a copy unless `inplace`, in eval mode), the scoring set, and the
+    surgery that continues the network's earlier pruning history."""
+    model = (model if inplace else copy.deepcopy(model)).eval()
+    scoring = ScoringSet.from_any(data, num_classes)
+    prior = getattr(model, "carprune_spec", {}).get("pruning_history", [])
+    return model, scoring, Surgery(model, scoring.example(), prior_history=prior)
+
+
+def _record_history(model: nn.Module, surgery: Surgery) -> None:
+    """Store the full pruning history in the model's spec, so that saving it rebuilds it."""
+    model.carprune_spec = {**getattr(model, "carprune_spec", {}),
+                           "pruning_history": surgery.history()}
+
+
 def car_prune(model: nn.Module, data, layers: Sequence[str], keep: float = 0.5, step: int = 1,
               screen: int | None = None, engine: str = "fast",
               memory_budget: int = DEFAULT_MEMORY_BUDGET,
@@ -100,11 +116,7 @@ def car_prune(model: nn.Module, data, layers: Sequence[str], keep: float = 0.5, 
     if screen is not None and screen < step:
         raise CarpruneError(f"--screen must be at least --step ({step}), got {screen}")
     start = time.perf_counter()
-    model = model if inplace else copy.deepcopy(model)
-    model.eval()
-    scoring = ScoringSet.from_any(data, num_classes)
-    prior = getattr(model, "carprune_spec", {}).get("pruning_history", [])
-    surgery = Surgery(model, scoring.example(), prior_history=prior)
+    model, scoring, surgery = _open(model, data, num_classes, inplace)
     check_layers(surgery, layers)
     targets = {name: resolve_keep(keep, surgery.size(name), name) for name in layers}
     if int((scoring.class_totals() > 0).sum()) < 2:
@@ -164,9 +176,7 @@ def car_prune(model: nn.Module, data, layers: Sequence[str], keep: float = 0.5, 
     val_after = float(scorer.score(surgery, [], scoring)[0].accuracy()[0])
     if pending is not None:
         pending.val_accuracy = val_after
-    spec = dict(getattr(model, "carprune_spec", {}))
-    spec["pruning_history"] = surgery.history()
-    model.carprune_spec = spec
+    _record_history(model, surgery)
     return PruneResult(model, records, val_before if val_before is not None else val_after,
                        val_after, time.perf_counter() - start, scorer.name)
 
@@ -178,10 +188,7 @@ def criterion_prune(model: nn.Module, data, layers: Sequence[str], criterion: st
     from .criteria import ranking
 
     start = time.perf_counter()
-    model = model if inplace else copy.deepcopy(model)
-    scoring = ScoringSet.from_any(data, num_classes)
-    prior = getattr(model, "carprune_spec", {}).get("pruning_history", [])
-    surgery = Surgery(model.eval(), scoring.example(), prior_history=prior)
+    model, scoring, surgery = _open(model, data, num_classes, inplace)
     check_layers(surgery, layers)
     targets = {name: resolve_keep(keep, surgery.size(name), name) for name in layers}
     records = {}
@@ -190,9 +197,7 @@ def criterion_prune(model: nn.Module, data, layers: Sequence[str], criterion: st
         doomed = ranking(criterion, surgery, name, scoring, seed)[:n - targets[name]]
         records[name] = LayerRecord(n, targets[name], [surgery.alive[name][p] for p in doomed])
         surgery.remove(name, doomed)
-    spec = dict(getattr(model, "carprune_spec", {}))
-    spec["pruning_history"] = surgery.history()
-    model.carprune_spec = spec
+    _record_history(model, surgery)
     return PruneResult(model, records, float("nan"), float("nan"),
                        time.perf_counter() - start, criterion)
 
@@ -256,10 +261,7 @@ def global_car_prune(model: nn.Module, data, target: float, layers: Sequence[str
     if not 0 <= min_keep < 1:
         raise CarpruneError(f"--min-keep must be a fraction in [0, 1), got {min_keep}")
     start = time.perf_counter()
-    model = model if inplace else copy.deepcopy(model)
-    scoring = ScoringSet.from_any(data, num_classes)
-    prior = getattr(model, "carprune_spec", {}).get("pruning_history", [])
-    surgery = Surgery(model.eval(), scoring.example(), prior_history=prior)
+    model, scoring, surgery = _open(model, data, num_classes, inplace)
     for name in ignore:
         surgery.check_layer(name)
     chosen_layers = [n for n in (layers or surgery.conv_layers()) if n not in set(ignore)]
@@ -339,9 +341,7 @@ def global_car_prune(model: nn.Module, data, target: float, layers: Sequence[str
     val_after = float(scorer.score(surgery, [], scoring)[0].accuracy()[0])
     for st in pending:
         st.val_accuracy = val_after
-    spec = dict(getattr(model, "carprune_spec", {}))
-    spec["pruning_history"] = surgery.history()
-    model.carprune_spec = spec
+    _record_history(model, surgery)
     result = PruneResult(model, records, val_before if val_before is not None else val_after,
                          val_after, time.perf_counter() - start, scorer.name)
     return result, steps

@@ -77,11 +77,6 @@ def relabelled(data, model: torch.nn.Module):
         meta={**data.meta, "unlabelled": False, "labels": "model"})
 
 
-def agreement(original: torch.nn.Module, pruned: torch.nn.Module, dataset) -> float:
-    """Share of images on which the pruned network predicts what the original predicts."""
-    return evaluate(pruned, model_labels(original, dataset)).accuracy
-
-
 def train_run(args) -> None:
     """`carprune train`: fit a zoo model and write a checkpoint with the command that made it."""
     data = load_data(args.data, args.data_dir)
@@ -203,7 +198,8 @@ def prune_run(checkpoint, data, layers: list[str] | None, keep: float, out: str,
     pruned = result.model
     test_pruned = evaluate(pruned, data.test, data.num_classes).accuracy
     val_pruned = evaluate(pruned, data.val, data.num_classes).accuracy
-    agree_pruned = agreement(model, pruned, data.val)
+    val_by_original = model_labels(model, data.val)  # agreement = accuracy on these labels
+    agree_pruned = evaluate(pruned, val_by_original).accuracy
     start = time.perf_counter()
     fit(pruned, train, finetune_epochs, lr=finetune_lr, seed=seed, desc="fine-tune",
         resume=state.training(pruned),
@@ -233,7 +229,7 @@ def prune_run(checkpoint, data, layers: list[str] | None, keep: float, out: str,
                              "min_keep": min_keep,
                              "steps": [asdict(st) for st in global_steps]}
     summary["accuracy"]["val_agreement_pruned"] = agree_pruned
-    summary["accuracy"]["val_agreement_finetuned"] = agreement(model, pruned, data.val)
+    summary["accuracy"]["val_agreement_finetuned"] = evaluate(pruned, val_by_original).accuracy
     state.finish()
     if not dist.is_main():
         return summary

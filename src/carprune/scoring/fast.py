@@ -173,11 +173,16 @@ def _cropping_pool(tail: fx.GraphModule) -> nn.Module | None:
         return None
     user = next(iter(out.users))
     pool = modules.get(user.target) if user.op == "call_module" else None
-    if not isinstance(pool, nn.MaxPool2d | nn.AvgPool2d) or pool.ceil_mode \
-            or _pair(pool.padding) != (0, 0) or _pair(getattr(pool, "dilation", 1)) != (1, 1) \
+    if not isinstance(pool, nn.MaxPool2d | nn.AvgPool2d) or not _windows_only(pool) \
             or user.args[0] is not out:
         return None
     return pool
+
+
+def _windows_only(pool: nn.Module) -> bool:
+    """A pool without padding, dilation or ceil mode: it reads nothing past its last window."""
+    return not pool.ceil_mode and _pair(pool.padding) == (0, 0) \
+        and _pair(getattr(pool, "dilation", 1)) == (1, 1)
 
 
 def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -209,9 +214,8 @@ def _pool_before_relu(tail: fx.GraphModule) -> None:
 
 def _plain_max_pool(pool: nn.Module | None) -> bool:
     """A max pool whose windows tile the input: stride = kernel, no padding or dilation."""
-    return isinstance(pool, nn.MaxPool2d) and not pool.ceil_mode and not pool.return_indices \
-        and _pair(pool.stride or pool.kernel_size) == _pair(pool.kernel_size) \
-        and _pair(pool.padding) == (0, 0) and _pair(pool.dilation) == (1, 1)
+    return isinstance(pool, nn.MaxPool2d) and _windows_only(pool) and not pool.return_indices \
+        and _pair(pool.stride or pool.kernel_size) == _pair(pool.kernel_size)
 
 
 def _window_max(x: torch.Tensor, kernel: tuple[int, int]) -> torch.Tensor:

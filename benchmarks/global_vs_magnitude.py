@@ -2,18 +2,20 @@
 MACs budget, the same fine-tuning, test accuracy at the end.
 
     python benchmarks/global_vs_magnitude.py [CHECKPOINT] [--target-macs 0.5]
-        [--finetune-epochs 2] [--step 2] [--score-samples 2000]
+        [--finetune-epochs 2] [--seeds 1] [--step 2] [--screen M] [--score-samples 2000]
         [--out runs/global_vs_magnitude.json]
 
 Torch-Pruning: `BasePruner` with `GroupMagnitudeImportance` and `global_pruning=True`, stepped
 until the MACs are at or under the target (conv layers only, as global CAR). CAR: carprune's
-global CAR (accuracy lost per MAC saved, scored on the val split).
+global CAR (accuracy lost per MAC saved, scored on the val split). With --seeds N each pruned
+network is fine-tuned N times (seeds 0..N-1): median and range of the test accuracy.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 
 import torch
 import torch_pruning as tp
@@ -43,7 +45,10 @@ def main() -> None:
     parser.add_argument("checkpoint", nargs="?", default="convnet-fmnist")
     parser.add_argument("--target-macs", type=float, default=0.5)
     parser.add_argument("--finetune-epochs", type=int, default=2)
+    parser.add_argument("--seeds", type=int, default=1, help="fine-tuning seeds (default 1)")
     parser.add_argument("--step", type=int, default=2)
+    parser.add_argument("--screen", type=int, default=None,
+                        help="re-score only the M first units each round (an approximation)")
     parser.add_argument("--score-samples", type=int, default=2000,
                         help="val images global CAR scores on (the first N)")
     parser.add_argument("--out", default="runs/global_vs_magnitude.json")
@@ -53,27 +58,36 @@ def main() -> None:
     shape = data.input_shape
     rows = {}
     scoring = first_images(data.val, args.score_samples, "--score-samples")
-    car, _ = cp.global_car_prune(model, scoring, args.target_macs, step=args.step)
+    car, _ = cp.global_car_prune(model, scoring, args.target_macs, step=args.step,
+                                 screen=args.screen)
     for name, pruned in (("global CAR", car.model),
                          ("Torch-Pruning magnitude", magnitude(model, args.target_macs, shape))):
-        before = cp.evaluate(pruned, data.test).accuracy
-        cp.fit(pruned, data.train, args.finetune_epochs, lr=0.01, seed=0, desc=name)
-        rows[name] = {"test_pruned": before, "test_finetuned": cp.evaluate(pruned, data.test)
-                      .accuracy, **speed_report(pruned, shape),
+        finetuned = []
+        for seed in range(args.seeds):
+            tuned = copy.deepcopy(pruned)
+            cp.fit(tuned, data.train, args.finetune_epochs, lr=0.01, seed=seed,
+                   desc=f"{name} seed {seed}")
+            finetuned.append(cp.evaluate(tuned, data.test).accuracy)
+        rows[name] = {"test_pruned": cp.evaluate(pruned, data.test).accuracy,
+                      "test_finetuned": statistics.median(finetuned),
+                      "test_finetuned_seeds": finetuned, **speed_report(pruned, shape),
                       "filters": {n: m.out_channels for n, m in pruned.named_modules()
                                   if isinstance(m, nn.Conv2d)}}
     base = speed_report(model, shape)
+    base_test = cp.evaluate(model, data.test).accuracy
     io.write_json(args.out, {"checkpoint": args.checkpoint, "target_macs": args.target_macs,
-                             "finetune_epochs": args.finetune_epochs, "baseline": base,
-                             "baseline_test": cp.evaluate(model, data.test).accuracy,
-                             "results": rows})
-    print(f"{args.checkpoint}: MACs {base['macs']:,} -> target {args.target_macs:.0%}, "
-          f"then {args.finetune_epochs} epochs of the same fine-tuning")
+                             "finetune_epochs": args.finetune_epochs, "seeds": args.seeds,
+                             "baseline": base, "baseline_test": base_test, "results": rows})
+    print(f"{args.checkpoint}: test {base_test:.4f}, MACs {base['macs']:,} -> target "
+          f"{args.target_macs:.0%}, then {args.finetune_epochs} epochs of the same fine-tuning "
+          f"({args.seeds} seeds: median, min-max)")
     for name, r in rows.items():
+        seeds = r["test_finetuned_seeds"]
         print(f"  {name:24s} MACs {r['macs'] / base['macs']:.1%}  test {r['test_pruned']:.4f} "
-              f"pruned, {r['test_finetuned']:.4f} fine-tuned; latency b64 "
-              f"{r['latency_ms_batch64']:.1f} ms (baseline {base['latency_ms_batch64']:.1f}); "
-              f"filters {r['filters']}")
+              f"pruned, {r['test_finetuned']:.4f} ({min(seeds):.4f}-{max(seeds):.4f}) "
+              f"fine-tuned; latency b1 {r['latency_ms_batch1']:.2f} ms, b64 "
+              f"{r['latency_ms_batch64']:.1f} ms (baseline {base['latency_ms_batch1']:.2f}, "
+              f"{base['latency_ms_batch64']:.1f}); filters {r['filters']}")
     print(f"written to {args.out}")
 
 

@@ -31,7 +31,7 @@ from carprune.compress import (
 from carprune.compress.carz import _encode_entries, coded_breakdown, decode_weight, encode_weight
 from carprune.compress.huffman import BitReader, BitWriter, canonical_codes
 from carprune.compress.kmeans import freeze_, quantize_
-from carprune.compress.pipeline import make_permanent, weight_layers
+from carprune.compress.pipeline import make_permanent, sparsity_schedule, weight_layers
 from carprune.groups import Surgery
 
 from .conftest import subset
@@ -118,6 +118,36 @@ def test_magnitude_pruning_keeps_the_largest_weights():
         assert torch.equal(w.detach().flatten(), expected)
     with pytest.raises(cp.CarpruneError, match="not a conv or linear layer"):
         prune_weights(model, 0.5, layer_sparsity={"1": 0.5})
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_pruning_in_rounds_reaches_the_sparsity_and_keeps_earlier_masks(scope):
+    """Zhu & Gupta's cubic ramp: 1 - (1 - r/3)**3 = 19/27, 26/27, 1 of the way after each of 3
+    rounds. Untrained between rounds, the rounds mask what one shot masks; with the weights
+    moved in between (as training would), what a round masked stays masked."""
+    assert sparsity_schedule(3) == pytest.approx([19 / 27, 26 / 27, 1.0])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 26 * 26, 3))
+    one_shot, moved = copy.deepcopy(model), copy.deepcopy(model)
+    prune_weights(one_shot, 0.8, scope)
+    for fraction in sparsity_schedule(3):
+        prune_weights(model, 0.8, scope, fraction=fraction)
+        before = {n: m.weight_mask.clone() for n, m in weight_layers(moved).items()
+                  if hasattr(m, "weight_mask")}
+        prune_weights(moved, 0.8, scope, fraction=fraction)
+        for name, m in weight_layers(moved).items():
+            if name in before:
+                assert (m.weight_mask <= before[name]).all()
+            with torch.no_grad():
+                m.weight_orig.copy_(torch.randn_like(m.weight_orig))
+    layers = [weight_layers(m) for m in (model, one_shot, moved)]
+    for name in layers[0]:
+        assert torch.equal(layers[0][name].weight_mask, layers[1][name].weight_mask)
+    zeros = [sum(int((m.weight_mask == 0).sum()) for m in ls.values()) for ls in layers]
+    if scope == "layer":
+        assert zeros == [round(0.8 * 36) + round(0.8 * 8112)] * 3
+    else:
+        assert zeros == [round(0.8 * (36 + 8112))] * 3
 
 
 # -- Huffman coding ---------------------------------------------------------------------------
@@ -264,7 +294,7 @@ def test_compress_run_sizes_come_from_the_file(run_dir, baseline, fmnist, tmp_pa
                                test=subset(fmnist.test, 1000))
     out = tmp_path / "out"
     report = compress_run(run_dir, data, out, weight_sparsity=0.7, bits=5, finetune_epochs=1,
-                          progress=False)
+                          prune_rounds=2, progress=False)
     assert json.loads((out / "sizes.json").read_text()) == report
     assert set(report) == {"layers", "total", "accuracy"}
     assert set(report["accuracy"]) == {"baseline", "car", "pruned", "quantized", "final"}
@@ -304,7 +334,9 @@ def test_compress_run_refuses_bad_settings(run_dir, fmnist, tmp_path):
         compress_run(run_dir, fmnist, tmp_path / "a", weight_sparsity=1.0)
     with pytest.raises(cp.CarpruneError, match="bits of conv1"):
         compress_run(run_dir, fmnist, tmp_path / "b", bits=9)
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    with pytest.raises(cp.CarpruneError, match="--prune-rounds must be"):
+        compress_run(run_dir, fmnist, tmp_path / "c", prune_rounds=0)
+    assert not any((tmp_path / d).exists() for d in "abc")
 
 
 # -- export ------------------------------------------------------------------------------------

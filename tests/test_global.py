@@ -16,7 +16,7 @@ from torch import nn
 import carprune as cp
 from carprune.groups import Surgery
 from carprune.measure import macs_params
-from carprune.prune import global_car_prune
+from carprune.prune import efficiency, global_car_prune
 
 from .conftest import quick_trained, subset
 
@@ -62,8 +62,10 @@ def brute_force_global(model, x, y, picks):
                     continue
                 correct, loss = evaluate((layer, i))
                 cost = by_hand_cost(model, layer, i)
-                keys.append(((base_correct - correct) / cost, (loss - base_loss) / cost, li, i,
-                             layer))
+                lost, worse = base_correct - correct, loss - base_loss
+                # lost per MAC saved; a gain by gain times MACs saved (bigger savings first)
+                keys.append((lost / cost if lost > 0 else lost * cost,
+                             worse / cost if worse > 0 else worse * cost, li, i, layer))
         best = min(keys)
         gone[best[4]].append(best[3])
         order.append((best[4], best[3]))
@@ -75,10 +77,46 @@ def test_first_global_picks_equal_a_cost_weighted_brute_force(tiny, fmnist):
     scoring = subset(fmnist.val, 400)
     expected = brute_force_global(tiny, *scoring.tensors, picks=2)
     for engine in ("naive", "fast"):
-        _, steps = global_car_prune(tiny, scoring, target=0.9, min_keep=0.0, engine=engine,
+        _, steps = global_car_prune(tiny, scoring, target=0.5, min_keep=0.0, engine=engine,
                                     progress=False)
         assert [(s.layer, s.removed[0]) for s in steps[:2]] == expected
         assert steps[0].cost == by_hand_cost(tiny, *expected[0])
+
+
+def test_global_screen_rescores_only_the_first_few(tiny, fmnist, monkeypatch):
+    from carprune import prune
+
+    scoring = subset(fmnist.val, 200)
+    exact, exact_steps = global_car_prune(tiny, scoring, target=0.5, min_keep=0.0,
+                                          progress=False)
+    _, wide = global_car_prune(tiny, scoring, target=0.5, min_keep=0.0, screen=16,
+                               progress=False)  # 16 = every unit: the exact run
+    assert [(s.layer, s.removed) for s in wide] == [(s.layer, s.removed) for s in exact_steps]
+    calls = []
+    make = prune.make_engine
+
+    def spy(*args):
+        engine = make(*args)
+        score = engine.score
+        engine.score = lambda surgery, units, *rest: (calls.append(len(units)),
+                                                      score(surgery, units, *rest))[1]
+        return engine
+
+    monkeypatch.setattr(prune, "make_engine", spy)
+    _, screened = global_car_prune(tiny, scoring, target=0.5, min_keep=0.0, screen=3,
+                                   progress=False)
+    assert calls[0] == 16 and set(calls[1:-1]) == {3} and calls[-1] == 0  # last: the base
+    assert (screened[0].layer, screened[0].removed) == (exact_steps[0].layer,
+                                                        exact_steps[0].removed)
+    with pytest.raises(cp.CarpruneError, match="--screen must be at least --step"):
+        global_car_prune(tiny, scoring, target=0.5, step=4, screen=2, progress=False)
+
+
+def test_ranking_prefers_gains_then_small_loss_per_saving():
+    ranked = sorted([(2, 100), (2, 400), (0, 50), (-1, 10), (-1, 300), (-3, 10)],
+                    key=lambda u: efficiency(*u))
+    # gains first, by gain x saving: -1 x 300 = -300 before -3 x 10 = -30 before -1 x 10
+    assert ranked == [(-1, 300), (-3, 10), (-1, 10), (0, 50), (2, 400), (2, 100)]
 
 
 def test_budget_and_min_keep(tiny, fmnist):
@@ -93,6 +131,10 @@ def test_budget_and_min_keep(tiny, fmnist):
     macs = macs_params(result.model, (1, 28, 28))[0]
     assert macs <= 0.6 * macs_params(tiny, (1, 28, 28))[0]
     assert steps[-1].remaining == pytest.approx(macs / macs_params(tiny, (1, 28, 28))[0])
+    # rounds of 6: the last stops once it covers the budget, not 6 units further
+    _, coarse = global_car_prune(tiny, scoring, target=0.6, step=6, progress=False)
+    biggest = max(by_hand_cost(tiny, layer, 0) for layer in ("conv1", "conv2", "conv3"))
+    assert 0.6 - biggest / macs_params(tiny, (1, 28, 28))[0] < coarse[-1].remaining <= 0.6
 
 
 def test_latency_budget_and_cost(tiny, fmnist, monkeypatch):

@@ -69,8 +69,8 @@ def cmd_compress(args) -> None:
     out = Path(args.out)
     compress_run(args.checkpoint, load_data(args.data, args.data_dir), out,
                  weight_sparsity=args.weight_sparsity, bits=args.bits,
-                 finetune_epochs=args.finetune_epochs, baseline=args.baseline,
-                 layer_sparsity=dict(args.layer_sparsity or []),
+                 finetune_epochs=args.finetune_epochs, prune_rounds=args.prune_rounds,
+                 baseline=args.baseline, layer_sparsity=dict(args.layer_sparsity or []),
                  layer_bits=dict(args.layer_bits or []))
     if args.onnx:
         model = load_carz(out / "model.carz")
@@ -271,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-layer exceptions, e.g. conv1=3")
     p.add_argument("--finetune-epochs", type=int, default=1,
                    help="after weight pruning, and again for the centroids (default 1)")
+    p.add_argument("--prune-rounds", type=int, default=1,
+                   help="reach the sparsity in R rounds of pruning and fine-tuning, on a "
+                   "cubic ramp (default 1)")
     p.add_argument("--baseline", default=None, help="unpruned checkpoint for the baseline "
                    "accuracy (default: the one the run's result.json names)")
     p.add_argument("--onnx", action="store_true",

@@ -218,6 +218,13 @@ class GlobalStep:
     remaining: float            # the budgeted quantity left, as a fraction of the original
 
 
+def efficiency(lost: float, saved: float) -> float:
+    """Global CAR's ranking key, lowest first: what a removal loses per unit of cost it saves.
+    A removal that gains (lost < 0) ranks by gain times saving instead, so that of two equal
+    gains the one saving more goes first, and any gain ranks before any loss."""
+    return lost / saved if lost > 0 else lost * saved
+
+
 def group_leaders(surgery: Surgery, layers: Sequence[str]) -> list[str]:
     """One layer per dependency group: coupled layers (a residual stage) are one set of units."""
     leaders, seen = [], set()
@@ -232,7 +239,8 @@ def group_leaders(surgery: Surgery, layers: Sequence[str]) -> list[str]:
 
 def global_car_prune(model: nn.Module, data, target: float, layers: Sequence[str] | None = None,
                      budget: str = "macs", cost: str | None = None, min_keep: float = 0.1,
-                     step: int = 1, ignore: Sequence[str] = (), engine: str = "fast",
+                     step: int = 1, screen: int | None = None, ignore: Sequence[str] = (),
+                     engine: str = "fast",
                      memory_budget: int = DEFAULT_MEMORY_BUDGET, num_classes: int | None = None,
                      progress: bool = True, inplace: bool = False) -> tuple[PruneResult,
                                                                             list[GlobalStep]]:
@@ -247,6 +255,9 @@ def global_car_prune(model: nn.Module, data, target: float, layers: Sequence[str
     group) or "latency" (milliseconds per unit of each layer, measured once at the start);
     default the budget's own kind.
     Guard rails: each layer keeps at least `min_keep` of its filters, and never none.
+    screen: an approximation, as in `car_prune`: after the first full scoring, each round
+    re-scores only the `screen` units that rank first by their last exact scores (at today's
+    costs); the rest keep their old scores.
     """
     from .measure import latency_costs, latency_ms, macs_params, unit_costs
 
@@ -258,6 +269,10 @@ def global_car_prune(model: nn.Module, data, target: float, layers: Sequence[str
     if budget != "latency" and not 0 < target < 1:
         raise CarpruneError(f"the target must be a fraction in (0, 1) of the original "
                             f"{budget}, got {target}")
+    if step < 1:
+        raise CarpruneError(f"step must be at least 1, got {step}")
+    if screen is not None and screen < step:
+        raise CarpruneError(f"--screen must be at least --step ({step}), got {screen}")
     if not 0 <= min_keep < 1:
         raise CarpruneError(f"--min-keep must be a fraction in [0, 1), got {min_keep}")
     start = time.perf_counter()
@@ -298,33 +313,51 @@ def global_car_prune(model: nn.Module, data, target: float, layers: Sequence[str
     bar = tqdm(total=round(100 * (1 - target)), desc=f"global CAR to {target:.0%} {budget}",
                unit="%", disable=not (progress and dist.is_main()))
     val_before = None
+    last: dict[tuple[str, int], tuple[int, float]] = {}  # (layer, original index) -> (images
+    # lost, loss gained) at its last exact scoring
+
+    def key(u: Unit, saved: float) -> tuple:
+        lost, worse = last[u.layer, surgery.alive[u.layer][u.channel]]
+        return (efficiency(lost, saved), efficiency(worse, saved), leaders.index(u.layer),
+                surgery.alive[u.layer][u.channel])
+
     while left > target:
-        units = [Unit(n, c) for n in leaders if surgery.size(n) > floors[n]
-                 for c in range(surgery.size(n))]
-        if not units:
+        everyone = [Unit(n, c) for n in leaders if surgery.size(n) > floors[n]
+                    for c in range(surgery.size(n))]
+        if not everyone:
             warnings.warn(f"every layer is at its --min-keep floor with {left:.1%} of the "
                           f"{budget} left, short of the target {target:.0%}; lower --min-keep",
                           stacklevel=2)
             break
+        every_cost = [c for n in leaders if surgery.size(n) > floors[n] for c in costs_of(n)]
+        units, costs = everyone, every_cost
+        if screen and last:
+            first = sorted(range(len(everyone)), key=lambda i: key(everyone[i],
+                                                                   every_cost[i]))[:screen]
+            units, costs = [everyone[i] for i in first], [every_cost[i] for i in first]
         base, scores = scorer.score(surgery, units, scoring)
         base_acc = float(base.accuracy()[0])
         val_before = base_acc if val_before is None else val_before
         for st in pending:
             st.val_accuracy = base_acc
         pending = []
-        costs = [c for n in leaders if surgery.size(n) > floors[n] for c in costs_of(n)]
         quantum = (float(scores.loss.abs().max()) or 1.0) * 1e-6
-        keys = [((int(base.correct[0]) - int(scores.correct[i])) / costs[i],
-                 round((float(scores.loss[i]) - float(base.loss[0])) / quantum) / costs[i],
-                 leaders.index(u.layer), surgery.alive[u.layer][u.channel])
-                for i, u in enumerate(units)]
+        for i, u in enumerate(units):
+            last[u.layer, surgery.alive[u.layer][u.channel]] = (
+                int(base.correct[0]) - int(scores.correct[i]),
+                round((float(scores.loss[i]) - float(base.loss[0])) / quantum))
+        keys = [key(u, costs[i]) for i, u in enumerate(units)]
+        # a round stops early once its savings cover what the budget still needs
+        need = (left - target) * original if cost == budget != "latency" else math.inf
         picked: dict[str, list[int]] = {}
+        saving = 0.0
         for i in sorted(range(len(units)), key=keys.__getitem__):
             u = units[i]
-            if sum(map(len, picked.values())) == step:
+            if sum(map(len, picked.values())) == step or saving >= need:
                 break
             if surgery.size(u.layer) - len(picked.get(u.layer, [])) > floors[u.layer]:
                 picked.setdefault(u.layer, []).append(u.channel)
+                saving += costs[i]
         for name, channels in picked.items():
             saved = sum(costs[units.index(Unit(name, c))] for c in channels)
             car = sum(int(base.correct[0]) - int(scores.correct[units.index(Unit(name, c))])

@@ -184,7 +184,7 @@ def prune_run(checkpoint, data, layers: list[str] | None, keep: float, out: str,
     if target is not None:
         result, global_steps = global_car_prune(
             model, scoring, target, layers=layers, budget=budget, cost=cost,
-            min_keep=min_keep, step=step,
+            min_keep=min_keep, step=step, screen=screen,
             ignore=ignore or (), engine=engine, memory_budget=int(memory_budget_gib * 2**30),
             num_classes=data.num_classes)
     elif criterion == "car":

@@ -45,27 +45,44 @@ def per_layer(default: float, overrides: Mapping[str, float] | None, layers: lis
 
 
 def prune_weights(model: nn.Module, sparsity: float, scope: str = "layer",
-                  layer_sparsity: Mapping[str, float] | None = None) -> None:
+                  layer_sparsity: Mapping[str, float] | None = None,
+                  fraction: float = 1.0) -> None:
     """Mask the smallest-magnitude weights (torch.nn.utils.prune); masks stay through training.
 
     scope "layer" prunes each layer to `sparsity` (or its entry in `layer_sparsity`); "global"
     ranks all weights together, which only makes sense where weight scales are comparable (a
-    conv followed by BatchNorm has an arbitrary scale).
+    conv followed by BatchNorm has an arbitrary scale). `fraction` of those sparsities is
+    reached now; called again with a larger fraction, it masks more (the masks combine).
     """
     model.to(memory_format=torch.contiguous_format)  # torch.nn.utils.prune views weights flat
     layers = weight_layers(model)
+
+    def masked(modules) -> int:
+        return sum(int((m.weight_mask == 0).sum()) for m in modules if prune.is_pruned(m))
+
     if scope == "global":
         if layer_sparsity:
             raise CarpruneError("global weight pruning takes one sparsity; drop the per-layer "
                                 "values or use scope 'layer'")
+        total = sum(m.weight.numel() for m in layers.values())
         prune.global_unstructured([(m, "weight") for m in layers.values()],
-                                  pruning_method=prune.L1Unstructured, amount=float(sparsity))
+                                  pruning_method=prune.L1Unstructured,
+                                  amount=round(fraction * sparsity * total)
+                                  - masked(layers.values()))
     elif scope == "layer":
         for name, amount in per_layer(sparsity, layer_sparsity, list(layers),
                                       "sparsity").items():
-            prune.l1_unstructured(layers[name], "weight", amount=float(amount))
+            module = layers[name]
+            prune.l1_unstructured(module, "weight", amount=round(
+                fraction * amount * module.weight.numel()) - masked([module]))
     else:
         raise CarpruneError(f"unknown pruning scope {scope!r}; use 'layer' or 'global'")
+
+
+def sparsity_schedule(rounds: int) -> list[float]:
+    """Fractions of the final sparsity reached after each of `rounds` rounds: Zhu & Gupta's
+    cubic ramp (fast at first, while there are many small weights, then slower)."""
+    return [1 - (1 - r / rounds) ** 3 for r in range(1, rounds + 1)]
 
 
 def make_permanent(model: nn.Module) -> None:
@@ -114,14 +131,16 @@ def compress_run(checkpoint_or_run_dir: str | os.PathLike, data, out: str | os.P
                  baseline: str | os.PathLike | nn.Module | None = None, *,
                  layer_sparsity: Mapping[str, float] | None = None,
                  layer_bits: Mapping[str, int] | None = None, scope: str = "layer",
-                 finetune_lr: float = 0.01, centroid_lr: float = 1e-4, seed: int = 0,
-                 progress: bool = True) -> dict:
+                 prune_rounds: int = 1, finetune_lr: float = 0.01, centroid_lr: float = 1e-4,
+                 seed: int = 0, progress: bool = True) -> dict:
     """Prune weights, share them, code them into out/model.carz; write out/sizes.json, print
     the size table and return it.
 
     layer_sparsity, layer_bits: per-layer exceptions to weight_sparsity and bits (a first conv
     layer of a few hundred weights is both fragile and dominated by its codebook).
     finetune_epochs: epochs of fine-tuning after weight pruning, and again for the centroids.
+    prune_rounds: reach the sparsity in this many rounds (`sparsity_schedule`), each followed
+    by `finetune_epochs` of fine-tuning with the masks (Han et al.'s iterative pruning).
     baseline: the unpruned checkpoint (or model) for the baseline accuracy, when the run's
     result.json does not name one that exists here.
     """
@@ -132,6 +151,9 @@ def compress_run(checkpoint_or_run_dir: str | os.PathLike, data, out: str | os.P
                                 "it")
     if finetune_epochs < 0:
         raise CarpruneError(f"--finetune-epochs must be 0 or more, got {finetune_epochs}")
+    if not isinstance(prune_rounds, int) or prune_rounds < 1:
+        raise CarpruneError(f"--prune-rounds must be a whole number, 1 or more, got "
+                            f"{prune_rounds}")
     source = io.resolve_checkpoint(checkpoint_or_run_dir)
     model = io.load(source)
     check_fits(model, data)
@@ -159,9 +181,10 @@ def compress_run(checkpoint_or_run_dir: str | os.PathLike, data, out: str | os.P
     others = [t for key, t in model.state_dict().items()
               if key not in {f"{name}.weight" for name in names}]
 
-    prune_weights(model, weight_sparsity, scope, layer_sparsity)
-    fit(model, data.train, finetune_epochs, lr=finetune_lr, seed=seed, progress=progress,
-        desc="fine-tune pruned")
+    for r, fraction in enumerate(sparsity_schedule(prune_rounds)):
+        prune_weights(model, weight_sparsity, scope, layer_sparsity, fraction)
+        fit(model, data.train, finetune_epochs, lr=finetune_lr, seed=seed + 2 * r,
+            progress=progress, desc=f"fine-tune pruned ({r + 1}/{prune_rounds})")
     make_permanent(model)
     accuracy["pruned"] = evaluate(model, test).accuracy
     zeros = {name: float((m.weight == 0).float().mean()) for name, m in modules.items()}

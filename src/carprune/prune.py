@@ -77,6 +77,14 @@ def check_layers(surgery: Surgery, layers: Sequence[str]) -> None:
         surgery.check_layer(name)
 
 
+def check_approximation(step: int, screen: int | None) -> None:
+    """`step` and `screen`, the approximations of greedy CAR, must make sense together."""
+    if step < 1:
+        raise CarpruneError(f"step must be at least 1, got {step}")
+    if screen is not None and screen < step:
+        raise CarpruneError(f"--screen must be at least --step ({step}), got {screen}")
+
+
 def _open(model: nn.Module, data, num_classes: int | None,
           inplace: bool) -> tuple[nn.Module, ScoringSet, Surgery]:
     """The network to prune (a copy unless `inplace`, in eval mode), the scoring set, and the
@@ -111,10 +119,7 @@ def car_prune(model: nn.Module, data, layers: Sequence[str], keep: float = 0.5, 
     done, val_before: the records of an interrupted run; its removals are replayed first.
     on_step: called with all records so far after every removal (to save state).
     """
-    if step < 1:
-        raise CarpruneError(f"step must be at least 1, got {step}")
-    if screen is not None and screen < step:
-        raise CarpruneError(f"--screen must be at least --step ({step}), got {screen}")
+    check_approximation(step, screen)
     start = time.perf_counter()
     model, scoring, surgery = _open(model, data, num_classes, inplace)
     check_layers(surgery, layers)
@@ -269,10 +274,7 @@ def global_car_prune(model: nn.Module, data, target: float, layers: Sequence[str
     if budget != "latency" and not 0 < target < 1:
         raise CarpruneError(f"the target must be a fraction in (0, 1) of the original "
                             f"{budget}, got {target}")
-    if step < 1:
-        raise CarpruneError(f"step must be at least 1, got {step}")
-    if screen is not None and screen < step:
-        raise CarpruneError(f"--screen must be at least --step ({step}), got {screen}")
+    check_approximation(step, screen)
     if not 0 <= min_keep < 1:
         raise CarpruneError(f"--min-keep must be a fraction in [0, 1), got {min_keep}")
     start = time.perf_counter()
@@ -313,8 +315,8 @@ def global_car_prune(model: nn.Module, data, target: float, layers: Sequence[str
     bar = tqdm(total=round(100 * (1 - target)), desc=f"global CAR to {target:.0%} {budget}",
                unit="%", disable=not (progress and dist.is_main()))
     val_before = None
-    last: dict[tuple[str, int], tuple[int, float]] = {}  # (layer, original index) -> (images
-    # lost, loss gained) at its last exact scoring
+    # (layer, original index) -> (images lost, loss gained) at the unit's last exact scoring
+    last: dict[tuple[str, int], tuple[int, float]] = {}
 
     def key(u: Unit, saved: float) -> tuple:
         lost, worse = last[u.layer, surgery.alive[u.layer][u.channel]]

@@ -32,6 +32,8 @@ def test_help_lists_the_commands():
     (["--layers", "conv1", "--step", "4", "--screen", "2"], "--screen must be at least"),
     (["--target-macs", "0.5", "--target-params", "0.5"], "give one budget"),
     (["--target-latency-ms", "1000"], "below the network's measured"),
+    (["--layers", "conv1", "--round-to", "8"], "--round-to applies to global runs"),
+    (["--target-macs", "0.5", "--round-to", "0"], "--round-to must be a whole number"),
 ])
 def test_prune_bad_input_exit_2_and_no_output(tmp_path, args, words):
     out = tmp_path / "run"

@@ -39,37 +39,49 @@ def by_hand_cost(model, layer, i):
     return own + consumer
 
 
-def brute_force_global(model, x, y, picks):
+def unit_scores(model, x, y, gone):
+    """(images lost, loss gained) of removing each remaining filter, by zeroing it on top of
+    the `gone` ones; the model's weights are left as they were."""
     state = copy.deepcopy(model.state_dict())
+
+    def evaluate(extra=None):
+        with torch.no_grad():
+            model.load_state_dict(state)
+            for layer, idx in gone.items():
+                chosen = idx + ([extra[1]] if extra and extra[0] == layer else [])
+                for p in (f"{layer}.weight", f"bn{layer[-1]}.weight", f"bn{layer[-1]}.bias"):
+                    model.get_parameter(p)[chosen] = 0
+            logits = model(x)
+        return int((logits.argmax(1) == y).sum()), float(F.cross_entropy(logits, y,
+                                                                          reduction="sum"))
+    base_correct, base_loss = evaluate()
+    scores = {}
+    for layer in ("conv1", "conv2", "conv3"):
+        for i in range(getattr(model, layer).out_channels):
+            if i not in gone[layer]:
+                correct, loss = evaluate((layer, i))
+                scores[layer, i] = (base_correct - correct, loss - base_loss)
+    model.load_state_dict(state)
+    return scores
+
+
+def by_hand_efficiency(lost, cost):
+    """Lost per MAC saved; a gain by gain times MACs saved (bigger savings first)."""
+    return lost / cost if lost > 0 else lost * cost
+
+
+def brute_force_global(model, x, y, picks):
     gone = {"conv1": [], "conv2": [], "conv3": []}
     order = []
     for _ in range(picks):
-        def evaluate(extra=None):
-            with torch.no_grad():
-                model.load_state_dict(state)
-                for layer, idx in gone.items():
-                    chosen = idx + ([extra[1]] if extra and extra[0] == layer else [])
-                    for p in (f"{layer}.weight", f"bn{layer[-1]}.weight", f"bn{layer[-1]}.bias"):
-                        model.get_parameter(p)[chosen] = 0
-                logits = model(x)
-            return int((logits.argmax(1) == y).sum()), float(F.cross_entropy(logits, y,
-                                                                              reduction="sum"))
-        base_correct, base_loss = evaluate()
         keys = []
-        for li, layer in enumerate(("conv1", "conv2", "conv3")):
-            for i in range(getattr(model, layer).out_channels):
-                if i in gone[layer]:
-                    continue
-                correct, loss = evaluate((layer, i))
-                cost = by_hand_cost(model, layer, i)
-                lost, worse = base_correct - correct, loss - base_loss
-                # lost per MAC saved; a gain by gain times MACs saved (bigger savings first)
-                keys.append((lost / cost if lost > 0 else lost * cost,
-                             worse / cost if worse > 0 else worse * cost, li, i, layer))
+        for (layer, i), (lost, worse) in unit_scores(model, x, y, gone).items():
+            cost = by_hand_cost(model, layer, i)
+            keys.append((by_hand_efficiency(lost, cost), by_hand_efficiency(worse, cost),
+                         int(layer[-1]), i, layer))
         best = min(keys)
         gone[best[4]].append(best[3])
         order.append((best[4], best[3]))
-    model.load_state_dict(state)
     return order
 
 
@@ -110,6 +122,41 @@ def test_global_screen_rescores_only_the_first_few(tiny, fmnist, monkeypatch):
                                                         exact_steps[0].removed)
     with pytest.raises(cp.CarpruneError, match="--screen must be at least --step"):
         global_car_prune(tiny, scoring, target=0.5, step=4, screen=2, progress=False)
+
+
+def test_round_to_removes_blocks_and_leaves_multiples(tiny, fmnist):
+    """Widths 4/6/6 in blocks of 2: each layer's block is its two filters that rank first on
+    their own, and the first block to go has the least summed loss per summed MACs."""
+    scoring = subset(fmnist.val, 400)
+    scores = unit_scores(tiny, *scoring.tensors, {"conv1": [], "conv2": [], "conv3": []})
+    blocks = []
+    for layer in ("conv1", "conv2", "conv3"):
+        cost = by_hand_cost(tiny, layer, 0)
+        own = sorted((by_hand_efficiency(lost, cost), by_hand_efficiency(worse, cost), i)
+                     for (name, i), (lost, worse) in scores.items() if name == layer)
+        pair = [i for *_, i in own[:2]]
+        lost, worse = (sum(scores[layer, i][k] for i in pair) for k in (0, 1))
+        blocks.append((by_hand_efficiency(lost, 2 * cost), by_hand_efficiency(worse, 2 * cost),
+                       int(layer[-1]), layer, sorted(pair)))
+    first = min(blocks)
+    for engine in ("naive", "fast"):
+        result, steps = global_car_prune(tiny, scoring, target=0.5, min_keep=0.0, round_to=2,
+                                         engine=engine, progress=False)
+        assert (steps[0].layer, sorted(steps[0].removed)) == first[3:]
+        assert all(len(s.removed) == 2 for s in steps)
+        widths = [getattr(result.model, n).out_channels for n in ("conv1", "conv2", "conv3")]
+        assert all(w % 2 == 0 and w >= 2 for w in widths)
+        assert steps[-1].remaining <= 0.5
+    # blocks of 4 from 4/6/6: conv1 cannot go (it would be empty), conv2 and conv3 only to 4
+    with pytest.warns(UserWarning, match="--round-to"):
+        result, _ = global_car_prune(tiny, scoring, target=0.3, min_keep=0.0, round_to=4,
+                                     progress=False)
+    assert [getattr(result.model, n).out_channels for n in ("conv1", "conv2", "conv3")] == \
+        [4, 4, 4]
+    _, exact = global_car_prune(tiny, scoring, target=0.5, min_keep=0.0, progress=False)
+    _, ones = global_car_prune(tiny, scoring, target=0.5, min_keep=0.0, round_to=1,
+                               progress=False)
+    assert [(s.layer, s.removed) for s in ones] == [(s.layer, s.removed) for s in exact]
 
 
 def test_ranking_prefers_gains_then_small_loss_per_saving():

@@ -43,7 +43,8 @@ def cmd_prune(args) -> None:
                    finetune_lr=args.finetune_lr, seed=args.seed, criterion=args.criterion,
                    train_samples=args.train_samples, restart=args.restart,
                    target=budgets[budget], budget=budget, cost=args.cost,
-                   min_keep=args.min_keep, ignore=args.ignore, labels=args.labels)
+                   min_keep=args.min_keep, ignore=args.ignore, labels=args.labels,
+                   round_to=args.round_to)
 
 
 def cmd_compare(args) -> None:
@@ -176,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: what the target counts)")
     p.add_argument("--min-keep", type=float, default=0.1,
                    help="global CAR keeps at least this fraction of every layer (default 0.1)")
+    p.add_argument("--round-to", type=int, default=1,
+                   help="global CAR leaves every layer a multiple of N filters (8 suits "
+                        "AVX2 CPUs: odd widths can run slower than the unpruned network)")
     p.add_argument("--ignore", nargs="+", default=None,
                    help="layers global CAR must not prune (e.g. the stem)")
     p.add_argument("--labels", choices=["data", "model"], default="data",

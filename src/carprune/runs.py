@@ -130,13 +130,13 @@ def prune_run(checkpoint, data, layers: list[str] | None, keep: float, out: str,
               restart: bool = False, target: float | None = None, budget: str = "macs",
               cost: str | None = None,
               min_keep: float = 0.1, ignore: list[str] | None = None,
-              labels: str = "data") -> dict:
+              labels: str = "data", round_to: int = 1) -> dict:
     """Check everything, prune, fine-tune, write DIR; returns result.json's content.
 
     checkpoint: a checkpoint directory, a shipped name, or a model (e.g. from a factory).
-    target, budget, cost: global CAR over `layers` (default: every prunable conv) to `target`
-    of `budget` (see global_car_prune); without a target, each of `layers` is pruned to
-    `keep`.
+    target, budget, cost, round_to: global CAR over `layers` (default: every prunable conv)
+    to `target` of `budget` (see global_car_prune); without a target, each of `layers` is
+    pruned to `keep`.
     labels: "data", or "model" to score against the unpruned network's own predictions.
     State is kept in DIR after every CAR step and fine-tuning epoch: the same call on the same
     DIR resumes an interrupted run (see resume.py)."""
@@ -152,6 +152,10 @@ def prune_run(checkpoint, data, layers: list[str] | None, keep: float, out: str,
         check_layers(surgery, layers)
         for name in layers:
             resolve_keep(keep, surgery.size(name), name)
+        if round_to != 1:
+            raise CarpruneError("--round-to applies to global runs (--target-macs, "
+                                "--target-params or --target-latency-ms); per layer, give "
+                                "--keep as a count of filters")
     elif layers:
         check_layers(surgery, layers)
     if labels not in ("data", "model"):
@@ -173,7 +177,7 @@ def prune_run(checkpoint, data, layers: list[str] | None, keep: float, out: str,
               "criterion": criterion, "finetune_epochs": finetune_epochs,
               "finetune_lr": finetune_lr, "train_samples": len(train), "seed": seed,
               "target": target, "budget": budget, "cost": cost, "min_keep": min_keep,
-              "ignore": ignore or [],
+              "ignore": ignore or [], "round_to": round_to,
               "labels": labels}
     state = RunState.open(out, config, restart)
     shape = data.input_shape
@@ -184,7 +188,7 @@ def prune_run(checkpoint, data, layers: list[str] | None, keep: float, out: str,
     if target is not None:
         result, global_steps = global_car_prune(
             model, scoring, target, layers=layers, budget=budget, cost=cost,
-            min_keep=min_keep, step=step, screen=screen,
+            min_keep=min_keep, step=step, screen=screen, round_to=round_to,
             ignore=ignore or (), engine=engine, memory_budget=int(memory_budget_gib * 2**30),
             num_classes=data.num_classes)
     elif criterion == "car":
@@ -226,7 +230,7 @@ def prune_run(checkpoint, data, layers: list[str] | None, keep: float, out: str,
     }
     if global_steps is not None:
         summary["global"] = {"target": target, "budget": budget, "cost": cost or budget,
-                             "min_keep": min_keep,
+                             "min_keep": min_keep, "round_to": round_to,
                              "steps": [asdict(st) for st in global_steps]}
     summary["accuracy"]["val_agreement_pruned"] = agree_pruned
     summary["accuracy"]["val_agreement_finetuned"] = evaluate(pruned, val_by_original).accuracy

@@ -15,19 +15,16 @@ import argparse
 
 import carprune as cp
 from carprune import io
+from carprune.cli import layer_value
 from carprune.prune import car_prune, criterion_prune
 from carprune.runs import first_images
-
-
-def allocation(text: str) -> dict[str, int]:
-    name, _, count = text.partition("=")
-    return {name: int(count)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", nargs="?", default="convnet-fmnist")
-    parser.add_argument("--widths", nargs="+", action="append", type=allocation, required=True,
+    parser.add_argument("--widths", nargs="+", action="append", type=layer_value(int),
+                        required=True,
                         help="LAYER=COUNT ...; repeat the option for another allocation")
     parser.add_argument("--criteria", nargs="+", default=["car", "l2", "random"])
     parser.add_argument("--finetune-epochs", type=int, default=2)
@@ -40,7 +37,7 @@ def main() -> None:
     scoring = first_images(data.val, args.score_samples, "--score-samples")
     rows = []
     for parts in args.widths:
-        widths = {k: v for part in parts for k, v in part.items()}
+        widths = dict(parts)
         for criterion in args.criteria:
             model = base
             for layer, keep in widths.items():

@@ -105,7 +105,7 @@ def _csv(kind):
     return parse
 
 
-def _layer_value(kind):
+def layer_value(kind):
     def parse(text: str) -> tuple[str, float]:
         name, sep, value = text.partition("=")
         try:
@@ -269,9 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of each layer's weights set to zero (default 0.7)")
     p.add_argument("--bits", type=int, default=5,
                    help="2**bits shared values per layer (default 5)")
-    p.add_argument("--layer-sparsity", type=_layer_value(float), nargs="+", metavar="LAYER=S",
+    p.add_argument("--layer-sparsity", type=layer_value(float), nargs="+", metavar="LAYER=S",
                    help="per-layer exceptions, e.g. conv1=0.5")
-    p.add_argument("--layer-bits", type=_layer_value(int), nargs="+", metavar="LAYER=B",
+    p.add_argument("--layer-bits", type=layer_value(int), nargs="+", metavar="LAYER=B",
                    help="per-layer exceptions, e.g. conv1=3")
     p.add_argument("--finetune-epochs", type=int, default=1,
                    help="after weight pruning, and again for the centroids (default 1)")

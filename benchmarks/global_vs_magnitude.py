@@ -3,13 +3,14 @@ MACs budget, the same fine-tuning, test accuracy at the end.
 
     python benchmarks/global_vs_magnitude.py [CHECKPOINT] [--target-macs 0.5]
         [--finetune-epochs 2] [--seeds 1] [--step 2] [--screen M] [--score-samples 2000]
-        [--round-to N] [--out runs/global_vs_magnitude.json]
+        [--round-to N] [--compensate] [--out runs/global_vs_magnitude.json]
 
 Torch-Pruning: `BasePruner` with `GroupMagnitudeImportance` and `global_pruning=True`, stepped
 until the MACs are at or under the target (conv layers only, as global CAR). CAR: carprune's
 global CAR (accuracy lost per MAC saved, scored on the val split). With --seeds N each pruned
 network is fine-tuned N times (seeds 0..N-1): median and range of the test accuracy.
 --round-to N leaves every layer a multiple of N filters in both (Torch-Pruning's `round_to`).
+--compensate: global CAR scores and removes with least-squares refits of the consumers.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ def main() -> None:
                         help="val images global CAR scores on (the first N)")
     parser.add_argument("--round-to", type=int, default=1,
                         help="keep a multiple of N filters per layer in both (default 1)")
+    parser.add_argument("--compensate", action="store_true",
+                        help="global CAR refits consumers by least squares (compensation.py)")
     parser.add_argument("--out", default="runs/global_vs_magnitude.json")
     args = parser.parse_args()
     data = cp.data.fashion_mnist()
@@ -63,7 +66,8 @@ def main() -> None:
     rows = {}
     scoring = first_images(data.val, args.score_samples, "--score-samples")
     car, _ = cp.global_car_prune(model, scoring, args.target_macs, step=args.step,
-                                 screen=args.screen, round_to=args.round_to)
+                                 screen=args.screen, round_to=args.round_to,
+                                 compensate=args.compensate)
     for name, pruned in (("global CAR", car.model),
                          ("Torch-Pruning magnitude", magnitude(model, args.target_macs, shape,
                                                               args.round_to))):
@@ -82,7 +86,7 @@ def main() -> None:
     base_test = cp.evaluate(model, data.test).accuracy
     io.write_json(args.out, {"checkpoint": args.checkpoint, "target_macs": args.target_macs,
                              "finetune_epochs": args.finetune_epochs, "seeds": args.seeds,
-                             "round_to": args.round_to,
+                             "round_to": args.round_to, "compensate": args.compensate,
                              "baseline": base, "baseline_test": base_test, "results": rows})
     print(f"{args.checkpoint}: test {base_test:.4f}, MACs {base['macs']:,} -> target "
           f"{args.target_macs:.0%}, then {args.finetune_epochs} epochs of the same fine-tuning "

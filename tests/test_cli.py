@@ -34,6 +34,7 @@ def test_help_lists_the_commands():
     (["--target-latency-ms", "1000"], "below the network's measured"),
     (["--layers", "conv1", "--round-to", "8"], "--round-to applies to global runs"),
     (["--target-macs", "0.5", "--round-to", "0"], "--round-to must be a whole number"),
+    (["--layers", "conv1", "--criterion", "l2", "--compensate"], "does not apply to"),
 ])
 def test_prune_bad_input_exit_2_and_no_output(tmp_path, args, words):
     out = tmp_path / "run"

@@ -13,12 +13,13 @@ from carprune.scoring.fast import plan_layer
 from .conftest import subset
 
 
-def assert_same_tallies(model, layers, scoring, **fast_kwargs):
+def assert_same_tallies(model, layers, scoring, every=1, compensate=False, **fast_kwargs):
     surgery = Surgery(copy.deepcopy(model).eval(), scoring.example())
     for layer in layers:
-        units = [Unit(layer, c) for c in range(surgery.size(layer))]
-        nb, naive = NaiveEngine().score(surgery, units, scoring)
-        fb, fast = FastEngine(**fast_kwargs).score(surgery, units, scoring)
+        units = [Unit(layer, c) for c in range(0, surgery.size(layer), every)]
+        nb, naive = NaiveEngine(compensate).score(surgery, units, scoring)
+        fb, fast = FastEngine(compensate=compensate, **fast_kwargs).score(surgery, units,
+                                                                          scoring)
         assert torch.equal(nb.correct, fb.correct)
         assert torch.equal(naive.correct, fast.correct), layer
         assert torch.equal(naive.class_correct, fast.class_correct), layer
@@ -49,6 +50,14 @@ def test_concatenation_network(concat_net, scoring):
     assert plan_layer(surgery, "stem") is None       # read by both branches
 
 
+def test_compensated_tallies_on_three_networks(baseline, small_resnet, concat_net, scoring):
+    few = scoring.subset(200)
+    assert_same_tallies(baseline, ["conv1", "conv2", "conv3"], few, every=3, compensate=True)
+    assert_same_tallies(small_resnet, ["layer3.2.conv1", "layer1.0.conv1"], few,
+                        compensate=True)
+    assert_same_tallies(concat_net, ["left", "right"], few, compensate=True, memory_budget=1)
+
+
 def test_memory_budget_chunking_gives_the_same_answer(baseline, scoring):
     surgery = Surgery(copy.deepcopy(baseline), scoring.example())
     units = [Unit("conv2", c) for c in range(64)]
@@ -59,10 +68,12 @@ def test_memory_budget_chunking_gives_the_same_answer(baseline, scoring):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layers, keep", [(["conv3", "conv1"], 0.75), (["conv2"], 56)])
-def test_identical_pick_sequences_convnet(baseline, scoring, layers, keep):
-    naive = car_prune(baseline, scoring, layers, keep=keep, engine="naive", progress=False)
-    fast = car_prune(baseline, scoring, layers, keep=keep, engine="fast", progress=False)
+@pytest.mark.parametrize("layers, keep, compensate", [(["conv3", "conv1"], 0.75, False),
+                                                      (["conv2"], 60, True)])
+def test_identical_pick_sequences_convnet(baseline, scoring, layers, keep, compensate):
+    naive, fast = (car_prune(baseline, scoring, layers, keep=keep, engine=engine,
+                             compensate=compensate, progress=False)
+                   for engine in ("naive", "fast"))
     for name in layers:
         assert naive.layers[name].removed == fast.layers[name].removed
         assert naive.layers[name].steps[-1].val_accuracy == fast.layers[name].steps[-1].val_accuracy

@@ -1,3 +1,4 @@
+import copy
 import json
 
 import pytest
@@ -5,6 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import carprune as cp
+from carprune import compensation
+from carprune.groups import Surgery
 from carprune.prune import car_prune, resolve_keep
 
 from .conftest import hand_made_data, hand_made_net, subset
@@ -26,6 +29,43 @@ def test_hand_made_car_indices_and_picks():
         assert rec.steps[1].car == pytest.approx([2 / 3, 1 / 3])
         assert [s.val_accuracy for s in rec.steps] == pytest.approx([1.0, 2 / 3])
         assert result.model.conv1.out_channels == 1
+
+
+def test_hand_made_compensated_car():
+    # The three filters are the same relu(x), so once the readout is refit on the filters left
+    # (least squares), any of them carries the others' share: logit1 stays 3.1x, no image
+    # changes (CAR 0 everywhere), and the last filter's readout weight is about 3.1.
+    for engine in ("naive", "fast"):
+        result = car_prune(hand_made_net(), hand_made_data(), ["conv1"], keep=1, engine=engine,
+                           compensate=True, num_classes=2, progress=False)
+        rec = result.layers["conv1"]
+        assert rec.steps[0].car == [0.0, 0.0, 0.0] and rec.steps[1].car == [0.0, 0.0]
+        assert result.val_after == 1.0
+        assert float(result.model.fc.weight[1, 0]) == pytest.approx(3.1, rel=1e-3)
+
+
+def test_compensation_is_the_least_squares_refit(concat_net, fmnist):
+    # Remove channels 1 and 4 of `left` (inputs 1 and 4 of `mix`, after the concatenation):
+    # mix's new weight must reproduce its old output from the inputs left as well as
+    # torch.linalg.lstsq does, and far better than dropping the columns.
+    x = subset(fmnist.val, 300).tensors[0]
+    surgery = Surgery(copy.deepcopy(concat_net), x[:1])
+    seen = []
+    hook = surgery.model.mix.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    with torch.no_grad():
+        surgery.model(x)
+    hook.remove()
+    cols = F.unfold(seen[0], 3, padding=1, stride=2).transpose(1, 2).reshape(-1, 16 * 9)
+    w = concat_net.mix.weight.reshape(12, -1)
+    kept = [c for c in range(16 * 9) if c // 9 not in (1, 4)]
+    target = cols @ w.T
+    best = torch.linalg.lstsq(cols[:, kept].double(), target.double()).solution.float()
+    compensation.remove(surgery, "left", [1, 4], [(x, None)])
+    ours = surgery.model.mix.weight.reshape(12, -1)
+    residual = {name: float((cols[:, kept] @ m - target).norm())
+                for name, m in (("ours", ours.T), ("lstsq", best), ("dropped", w[:, kept].T))}
+    assert residual["ours"] == pytest.approx(residual["lstsq"], rel=1e-3)
+    assert residual["ours"] < 0.5 * residual["dropped"]
 
 
 def test_ties_go_to_lower_loss_then_lower_index():

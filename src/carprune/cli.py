@@ -44,7 +44,7 @@ def cmd_prune(args) -> None:
                    train_samples=args.train_samples, restart=args.restart,
                    target=budgets[budget], budget=budget, cost=args.cost,
                    min_keep=args.min_keep, ignore=args.ignore, labels=args.labels,
-                   round_to=args.round_to)
+                   round_to=args.round_to, compensate=args.compensate)
 
 
 def cmd_compare(args) -> None:
@@ -180,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--round-to", type=int, default=1,
                    help="global CAR leaves every layer a multiple of N filters (8 suits "
                         "AVX2 CPUs: odd widths can run slower than the unpruned network)")
+    p.add_argument("--compensate", action="store_true",
+                   help="refit the layers that read a pruned filter's channel by least "
+                        "squares on the rest, when scoring and when removing (CAR sees what "
+                        "the network can make up for without fine-tuning)")
     p.add_argument("--ignore", nargs="+", default=None,
                    help="layers global CAR must not prune (e.g. the stem)")
     p.add_argument("--labels", choices=["data", "model"], default="data",

@@ -59,16 +59,20 @@ def shard(scoring: ScoringSet) -> ScoringSet:
     return ScoringSet(mine, scoring.num_classes)
 
 
-def all_reduce(scores: Scores) -> Scores:
+def all_reduce_tensor(tensor: torch.Tensor) -> None:
+    """Sum a tensor over all processes, in place."""
     try:
-        for tensor in (scores.correct, scores.class_correct, scores.loss):
-            dist.all_reduce(tensor)
-        total = torch.tensor([scores.total], dtype=torch.int64)
-        dist.all_reduce(total)
+        dist.all_reduce(tensor)
     except RuntimeError as exc:
         raise CarpruneError(f"a peer process stopped or timed out during scoring ({exc}); "
                             "re-run the same command, it resumes from the last saved step") \
             from None
+
+
+def all_reduce(scores: Scores) -> Scores:
+    total = torch.tensor([scores.total], dtype=torch.int64)
+    for tensor in (scores.correct, scores.class_correct, scores.loss, total):
+        all_reduce_tensor(tensor)
     scores.total = int(total)
     return scores
 

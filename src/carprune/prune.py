@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import dist
+from . import compensation, dist
 from .errors import CarpruneError
 from .groups import Surgery, Unit
 from .scoring import DEFAULT_MEMORY_BUDGET, ScoringSet, make_engine, rank
@@ -102,7 +102,7 @@ def _record_history(model: nn.Module, surgery: Surgery) -> None:
 
 
 def car_prune(model: nn.Module, data, layers: Sequence[str], keep: float = 0.5, step: int = 1,
-              screen: int | None = None, engine: str = "fast",
+              screen: int | None = None, compensate: bool = False, engine: str = "fast",
               memory_budget: int = DEFAULT_MEMORY_BUDGET,
               num_classes: int | None = None, progress: bool = True, inplace: bool = False,
               done: dict[str, LayerRecord] | None = None, val_before: float | None = None,
@@ -116,6 +116,8 @@ def car_prune(model: nn.Module, data, layers: Sequence[str], keep: float = 0.5, 
     screen: an approximation too: after a layer's first full scoring, re-score only the
     `screen` filters with the lowest CAR index at their last exact scoring (the cheap
     criterion: it costs nothing to compute); the rest keep their old index.
+    compensate: refit the consumers of each candidate on the inputs left (least squares over
+    the scoring set, compensation.py), when scoring it and when removing it.
     done, val_before: the records of an interrupted run; its removals are replayed first.
     on_step: called with all records so far after every removal (to save state).
     """
@@ -128,9 +130,10 @@ def car_prune(model: nn.Module, data, layers: Sequence[str], keep: float = 0.5, 
         warnings.warn("the scoring set holds a single class: CAR still ranks filters, but "
                       "class importance is meaningless; score on data with several classes",
                       stacklevel=2)
-    scorer = make_engine(engine, memory_budget)
+    scorer = make_engine(engine, memory_budget, compensate)
     if dist.active():
         scoring, scorer = dist.shard(scoring), dist.ShardedEngine(scorer)
+    remove = _remover(surgery, scoring, compensate)
     for name in layers:
         need = scorer.cache_bytes(surgery, name, scoring)
         if need > memory_budget:
@@ -146,7 +149,7 @@ def car_prune(model: nn.Module, data, layers: Sequence[str], keep: float = 0.5, 
         last: dict[int, float] = {}  # original index -> CAR index at its last exact scoring
         for past in (done or {}).get(name, LayerRecord(n, target)).steps:
             last.update(zip(past.candidates, past.car, strict=True))
-            surgery.remove(name, [surgery.alive[name].index(o) for o in past.removed])
+            remove(name, [surgery.alive[name].index(o) for o in past.removed])
             record.removed += past.removed
             record.steps.append(past)
             pending = past if math.isnan(past.val_accuracy) else None
@@ -170,7 +173,7 @@ def car_prune(model: nn.Module, data, layers: Sequence[str], keep: float = 0.5, 
             picks = rank(scores, original)[:min(step, surgery.size(name) - target)]
             car = (base_acc - scores.accuracy()).tolist()
             last.update(zip(original, car, strict=True))
-            pending = Step(surgery.remove(name, [channels[i] for i in picks]), float("nan"),
+            pending = Step(remove(name, [channels[i] for i in picks]), float("nan"),
                            original, car)
             record.removed += pending.removed
             record.steps.append(pending)
@@ -205,6 +208,16 @@ def criterion_prune(model: nn.Module, data, layers: Sequence[str], criterion: st
     _record_history(model, surgery)
     return PruneResult(model, records, float("nan"), float("nan"),
                        time.perf_counter() - start, criterion)
+
+
+def _remover(surgery: Surgery, scoring: ScoringSet,
+             compensate: bool) -> Callable[[str, Sequence[int]], list[int]]:
+    """How chosen channels leave: physically, after a least-squares refit of their consumers
+    when compensating."""
+    if compensate:
+        return lambda layer, channels: compensation.remove(surgery, layer, channels,
+                                                           scoring.batches)
+    return surgery.remove
 
 
 def _lefts(n: int, target: int, step: int):
@@ -275,7 +288,7 @@ def group_leaders(surgery: Surgery, layers: Sequence[str]) -> list[str]:
 def global_car_prune(model: nn.Module, data, target: float, layers: Sequence[str] | None = None,
                      budget: str = "macs", cost: str | None = None, min_keep: float = 0.1,
                      step: int = 1, screen: int | None = None, ignore: Sequence[str] = (),
-                     round_to: int = 1, engine: str = "fast",
+                     round_to: int = 1, compensate: bool = False, engine: str = "fast",
                      memory_budget: int = DEFAULT_MEMORY_BUDGET, num_classes: int | None = None,
                      progress: bool = True, inplace: bool = False) -> tuple[PruneResult,
                                                                             list[GlobalStep]]:
@@ -297,6 +310,8 @@ def global_car_prune(model: nn.Module, data, target: float, layers: Sequence[str
     convolutions run fastest on widths that fill their vector registers, e.g. 8 or 16): a
     layer's units go in blocks, its next `round_to` by their own scores, ranked by the block's
     summed loss per summed saving; a round removes blocks until it has removed `step` units.
+    compensate: as in `car_prune`, every candidate is scored, and every removal made, with
+    its consumers refit by least squares.
     """
     from .measure import latency_costs, latency_ms, macs_params, unit_costs
 
@@ -342,9 +357,10 @@ def global_car_prune(model: nn.Module, data, target: float, layers: Sequence[str
             return [per_unit[name]] * surgery.size(name)
         return unit_costs(surgery, name, cost)
 
-    scorer = make_engine(engine, memory_budget)
+    scorer = make_engine(engine, memory_budget, compensate)
     if dist.active():
         scoring, scorer = dist.shard(scoring), dist.ShardedEngine(scorer)
+    remove = _remover(surgery, scoring, compensate)
     steps: list[GlobalStep] = []
     pending: list[GlobalStep] = []  # this round's steps, until the next pass measures them
     left = 1.0
@@ -399,7 +415,7 @@ def global_car_prune(model: nn.Module, data, target: float, layers: Sequence[str
         for name, chosen in picked.items():
             channels = [c for c, _ in chosen]
             car = sum(last[name, surgery.alive[name][c]][0] for c in channels) / scoring.total
-            removed = surgery.remove(name, channels)
+            removed = remove(name, channels)
             records[name].removed += removed
             records[name].filters_after = surgery.size(name)
             now = amount() / original

@@ -130,7 +130,7 @@ def prune_run(checkpoint, data, layers: list[str] | None, keep: float, out: str,
               restart: bool = False, target: float | None = None, budget: str = "macs",
               cost: str | None = None,
               min_keep: float = 0.1, ignore: list[str] | None = None,
-              labels: str = "data", round_to: int = 1) -> dict:
+              labels: str = "data", round_to: int = 1, compensate: bool = False) -> dict:
     """Check everything, prune, fine-tune, write DIR; returns result.json's content.
 
     checkpoint: a checkpoint directory, a shipped name, or a model (e.g. from a factory).
@@ -138,6 +138,7 @@ def prune_run(checkpoint, data, layers: list[str] | None, keep: float, out: str,
     to `target` of `budget` (see global_car_prune); without a target, each of `layers` is
     pruned to `keep`.
     labels: "data", or "model" to score against the unpruned network's own predictions.
+    compensate: CAR scores and removes with consumers refit by least squares (compensation.py).
     State is kept in DIR after every CAR step and fine-tuning epoch: the same call on the same
     DIR resumes an interrupted run (see resume.py)."""
     model = checkpoint if isinstance(checkpoint, torch.nn.Module) else io.load(checkpoint)
@@ -158,6 +159,9 @@ def prune_run(checkpoint, data, layers: list[str] | None, keep: float, out: str,
                                 "--keep as a count of filters")
     elif layers:
         check_layers(surgery, layers)
+    if compensate and criterion != "car":
+        raise CarpruneError(f"--compensate refits layers for CAR; it does not apply to "
+                            f"--criterion {criterion}, drop one of the two")
     if labels not in ("data", "model"):
         raise CarpruneError(f"--labels takes data or model, got {labels!r}")
     if data.meta.get("unlabelled"):
@@ -177,7 +181,7 @@ def prune_run(checkpoint, data, layers: list[str] | None, keep: float, out: str,
               "criterion": criterion, "finetune_epochs": finetune_epochs,
               "finetune_lr": finetune_lr, "train_samples": len(train), "seed": seed,
               "target": target, "budget": budget, "cost": cost, "min_keep": min_keep,
-              "ignore": ignore or [], "round_to": round_to,
+              "ignore": ignore or [], "round_to": round_to, "compensate": compensate,
               "labels": labels}
     state = RunState.open(out, config, restart)
     shape = data.input_shape
@@ -189,11 +193,12 @@ def prune_run(checkpoint, data, layers: list[str] | None, keep: float, out: str,
         result, global_steps = global_car_prune(
             model, scoring, target, layers=layers, budget=budget, cost=cost,
             min_keep=min_keep, step=step, screen=screen, round_to=round_to,
-            ignore=ignore or (), engine=engine, memory_budget=int(memory_budget_gib * 2**30),
-            num_classes=data.num_classes)
+            compensate=compensate, ignore=ignore or (), engine=engine,
+            memory_budget=int(memory_budget_gib * 2**30), num_classes=data.num_classes)
     elif criterion == "car":
         result = car_prune(model, scoring, layers, keep=keep, step=step, screen=screen,
-                           engine=engine, memory_budget=int(memory_budget_gib * 2**30),
+                           compensate=compensate, engine=engine,
+                           memory_budget=int(memory_budget_gib * 2**30),
                            num_classes=data.num_classes, done=state.layers(),
                            val_before=state.saved.get("val_before"), on_step=state.save_layers)
     else:
@@ -214,6 +219,7 @@ def prune_run(checkpoint, data, layers: list[str] | None, keep: float, out: str,
     summary = {
         "command": command_line(), "checkpoint": str(checkpoint), "criterion": criterion,
         "engine": result.engine, "step": step, "screen": screen, "keep": keep,
+        "compensate": compensate,
         "score_samples": len(scoring),
         "seconds": {"prune": result.seconds, "finetune": finetune_seconds},
         "model": {"params_before": before["params"], "params_after": after["params"],

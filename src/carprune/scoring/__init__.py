@@ -15,9 +15,10 @@ from .naive import NaiveEngine as NaiveEngine
 ENGINES = {"fast": FastEngine, "naive": NaiveEngine}
 
 
-def make_engine(name: str = "fast", memory_budget: int = DEFAULT_MEMORY_BUDGET):
+def make_engine(name: str = "fast", memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                compensate: bool = False):
     if name == "fast":
-        return FastEngine(memory_budget)
+        return FastEngine(memory_budget, compensate)
     if name == "naive":
-        return NaiveEngine()
+        return NaiveEngine(compensate)
     raise CarpruneError(f"unknown engine {name!r}; use fast or naive")

@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.utils import _pair
 
+from .. import compensation
 from ..groups import Surgery, Unit
 from ._common import Scores, ScoringSet
 from .naive import NaiveEngine
@@ -267,18 +268,22 @@ def _columns(plan: _Plan, x: torch.Tensor, z: torch.Tensor):
 
 
 def _without(weight: torch.Tensor, cols: torch.Tensor, zl: torch.Tensor, z: torch.Tensor,
-             idx: torch.Tensor) -> torch.Tensor:
+             idx: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor:
     """The consumer's output without each candidate's input indices (rows of idx, (K, m)):
-    z - consumer_i(x_i) for every candidate, as one (K*B, *z.shape[1:]) batch."""
+    z - consumer_i(x_i) for every candidate, as one (K*B, *z.shape[1:]) batch. With q (K, m*kk,
+    all columns), the compensated consumer's: z - (x Q_i^T) W_i^T (compensation.py)."""
     k, m = idx.shape
     b = z.shape[0]
     if cols.ndim == 3:
         # one batched matmul per chunk, z - cols_k @ W_k, laid out (K, B, H', W', C') so the
         # result is already a channels_last batch for the tail
         positions, kk = cols.shape[1:]
-        ck = cols[idx.reshape(-1)]                                           # (K*m, B*L, kk)
-        if m > 1:
-            ck = ck.view(k, m, positions, kk).transpose(1, 2).reshape(k, positions, m * kk)
+        if q is None:
+            ck = cols[idx.reshape(-1)]                                       # (K*m, B*L, kk)
+            if m > 1:
+                ck = ck.view(k, m, positions, kk).transpose(1, 2).reshape(k, positions, m * kk)
+        else:                                                                # (K, B*L, m*kk)
+            ck = torch.einsum("pc,kjc->kpj", cols.permute(1, 0, 2).reshape(positions, -1), q)
         c_out = weight.shape[0]
         w = weight[:, idx.reshape(-1)].reshape(c_out, k, m * kk).permute(1, 2, 0)
         # (K, B*L, C'), a fresh copy of z per candidate (contiguous() would alias zl for K = 1),
@@ -286,7 +291,8 @@ def _without(weight: torch.Tensor, cols: torch.Tensor, zl: torch.Tensor, z: torc
         out = zl.expand(k, -1, -1).clone(memory_format=torch.contiguous_format)
         out.baddbmm_(ck.view(k, positions, m * kk), w, alpha=-1)
         return out.view(k * b, *z.shape[2:], c_out).permute(0, 3, 1, 2)
-    contrib = torch.einsum("bkm,ckm->kbc", cols[:, idx], weight[:, idx])
+    taken = cols[:, idx] if q is None else torch.einsum("bf,kmf->bkm", cols, q)
+    contrib = torch.einsum("bkm,ckm->kbc", taken, weight[:, idx])
     return (z.unsqueeze(0) - contrib).reshape(k * b, -1)
 
 
@@ -295,9 +301,10 @@ class FastEngine:
 
     name = "fast"
 
-    def __init__(self, memory_budget: int = DEFAULT_MEMORY_BUDGET):
+    def __init__(self, memory_budget: int = DEFAULT_MEMORY_BUDGET, compensate: bool = False):
         self.memory_budget = memory_budget
-        self.naive = NaiveEngine()
+        self.compensate = compensate
+        self.naive = NaiveEngine(compensate)
         self._caches: dict[str, _Cache] = {}
 
     def score(self, surgery: Surgery, units: Sequence[Unit], scoring: ScoringSet,
@@ -369,6 +376,12 @@ class FastEngine:
         base.total = scores.total = scoring.total
         full = [plan.full(x) for x in cache.inputs]
         weight = plan.weight()
+        q = None
+        if self.compensate and compensation.refittable(plan.consumer):
+            p = compensation.inverse(sum(compensation.gram(plan.consumer, x)
+                                         for x in cache.inputs))
+            q = torch.stack([compensation.q_rows(p, compensation.columns(plan.consumer, feeds))
+                             for feeds in idx.tolist()]).to(weight.dtype)
         for z, side, (_, y) in zip(full, cache.sides, scoring.batches, strict=True):
             logits = plan.tail(z.clone(), *[t.clone() for t in side])  # the tail may work in place
             base.add_logits(slice(0, 1), logits.unsqueeze(0), y)
@@ -385,7 +398,7 @@ class FastEngine:
             for start in range(0, len(units), chunk):
                 rows = slice(start, min(start + chunk, len(units)))
                 k = rows.stop - rows.start
-                zc = _without(weight, cols, zl, z, idx[rows])
+                zc = _without(weight, cols, zl, z, idx[rows], None if q is None else q[rows])
                 reps = [s.repeat(k, *[1] * (s.ndim - 1)) for s in side]
                 scores.add_logits(rows, plan.tail(zc, *reps).view(k, len(y), -1), y)
             step = len(units) * len(y) / scoring.total

@@ -44,6 +44,7 @@ def test_two_processes_pick_what_one_process_picks(tmp_path, extra):
                    for k in weights[0])
     else:
         assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert one["compensate"] is two["compensate"] is bool(extra)
     assert not any(p.name.startswith(".") for p in (tmp_path / "two").iterdir())
 
 

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from carprune import CarpruneError
 from carprune.io import atomic_write
@@ -20,8 +21,11 @@ ARGS = ["prune", "convnet-fmnist", "--layers", "conv3", "conv1", "--keep", "0.87
 
 
 def start(out, *extra):
+    # SIGINT back to its default in the child: a shell running the tests in the background
+    # ignores it, and Python then never turns Ctrl-C into KeyboardInterrupt
     return subprocess.Popen([sys.executable, "-m", "carprune", *ARGS, "--out", str(out), *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 @pytest.mark.slow
@@ -124,3 +128,22 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path):
     assert "run the same command again to resume" in err and "Traceback" not in err
     saved = json.loads((tmp_path / "run" / STATE_DIR / "state.json").read_text())
     assert saved["layers"]["conv3"]["steps"]
+
+
+def test_compensated_replay_rebuilds_the_same_weights(baseline, fmnist):
+    # a resumed run replays its recorded removals, refits included: the weights must come out
+    # as in the uninterrupted run
+    from carprune.prune import LayerRecord, car_prune
+
+    from .conftest import subset
+
+    scoring = subset(fmnist.val, 200)
+    whole = car_prune(baseline, scoring, ["conv2"], keep=60, step=2, compensate=True,
+                      progress=False)
+    first = whole.layers["conv2"].steps[:1]
+    done = {"conv2": LayerRecord(64, 60, list(first[0].removed), list(first))}
+    resumed = car_prune(baseline, scoring, ["conv2"], keep=60, step=2, compensate=True,
+                        progress=False, done=done)
+    assert resumed.layers["conv2"].removed == whole.layers["conv2"].removed
+    theirs = resumed.model.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in whole.model.state_dict().items())

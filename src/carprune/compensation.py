@@ -33,8 +33,11 @@ MAX_COLUMNS = 4608  # a 512-channel 3x3 conv: a 170 MB Gram matrix
 
 
 def refittable(module: nn.Module) -> bool:
-    return (isinstance(module, nn.Linear) or isinstance(module, nn.Conv2d)
-            and module.groups == 1) and module.weight[0].numel() <= MAX_COLUMNS
+    """A linear layer, or a conv whose inputs `unfolded` reproduces (one group, zero padding
+    given as numbers), of at most MAX_COLUMNS columns."""
+    conv = isinstance(module, nn.Conv2d) and module.groups == 1 \
+        and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+    return (conv or isinstance(module, nn.Linear)) and module.weight[0].numel() <= MAX_COLUMNS
 
 
 def unfolded(consumer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -92,6 +95,8 @@ def consumers_of(surgery: Surgery, units: Sequence[Unit]) -> dict[str, list[int]
 @torch.inference_mode()
 def inverses(surgery: Surgery, names: Sequence[str], batches) -> dict[str, torch.Tensor]:
     """P for each named consumer of the current network, from one pass over the batches."""
+    if not names:
+        return {}
     grams: dict[str, torch.Tensor] = {}
 
     def add(name: str, x: torch.Tensor) -> None:
@@ -138,6 +143,7 @@ def refitted(surgery: Surgery, units: Sequence[Unit],
 
 def remove(surgery: Surgery, layer: str, channels: Sequence[int], batches) -> list[int]:
     """Refit the consumers of `channels` on what is left, then remove them physically."""
+    surgery.check_removal(layer, channels)
     consumers = consumers_of(surgery, [Unit(layer, c) for c in channels])
     _refit(surgery, consumers, inverses(surgery, list(consumers), batches))
     return surgery.remove(layer, channels)

@@ -156,12 +156,15 @@ class Surgery:
                 for param, idxs, values in reversed(saved):
                     param[idxs] = values
 
+    def check_removal(self, layer: str, channels: Sequence[int]) -> None:
+        if len(set(channels)) >= self.size(layer):
+            raise CarpruneError(f"removing {len(set(channels))} of {self.size(layer)} filters "
+                                f"would empty layer {layer!r}; keep at least one")
+
     def remove(self, layer: str, channels: Sequence[int]) -> list[int]:
         """Physically remove channels (current numbering); returns their original indices."""
         channels = sorted({int(c) for c in channels})
-        if len(channels) >= self.size(layer):
-            raise CarpruneError(f"removing {len(channels)} of {self.size(layer)} filters would "
-                                f"empty layer {layer!r}; keep at least one")
+        self.check_removal(layer, channels)
         group = self.group(layer, channels)
         touched = {}
         for dep, idxs in group:

@@ -283,7 +283,7 @@ def _without(weight: torch.Tensor, cols: torch.Tensor, zl: torch.Tensor, z: torc
             if m > 1:
                 ck = ck.view(k, m, positions, kk).transpose(1, 2).reshape(k, positions, m * kk)
         else:                                                                # (K, B*L, m*kk)
-            ck = torch.einsum("pc,kjc->kpj", cols.permute(1, 0, 2).reshape(positions, -1), q)
+            ck = torch.einsum("cpt,kjct->kpj", cols, q.view(k, m * kk, -1, kk))
         c_out = weight.shape[0]
         w = weight[:, idx.reshape(-1)].reshape(c_out, k, m * kk).permute(1, 2, 0)
         # (K, B*L, C'), a fresh copy of z per candidate (contiguous() would alias zl for K = 1),
@@ -381,7 +381,7 @@ class FastEngine:
             p = compensation.inverse(sum(compensation.gram(plan.consumer, x)
                                          for x in cache.inputs))
             q = torch.stack([compensation.q_rows(p, compensation.columns(plan.consumer, feeds))
-                             for feeds in idx.tolist()]).to(weight.dtype)
+                             .to(weight.dtype) for feeds in idx.tolist()])
         for z, side, (_, y) in zip(full, cache.sides, scoring.batches, strict=True):
             logits = plan.tail(z.clone(), *[t.clone() for t in side])  # the tail may work in place
             base.add_logits(slice(0, 1), logits.unsqueeze(0), y)

@@ -14,7 +14,10 @@ import torch
 
 from carprune import CarpruneError
 from carprune.io import atomic_write
+from carprune.prune import LayerRecord, car_prune
 from carprune.resume import STATE_DIR, RunState
+
+from .conftest import subset
 
 ARGS = ["prune", "convnet-fmnist", "--layers", "conv3", "conv1", "--keep", "0.875",
         "--score-samples", "150", "--train-samples", "1024", "--finetune-epochs", "4"]
@@ -133,10 +136,6 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path):
 def test_compensated_replay_rebuilds_the_same_weights(baseline, fmnist):
     # a resumed run replays its recorded removals, refits included: the weights must come out
     # as in the uninterrupted run
-    from carprune.prune import LayerRecord, car_prune
-
-    from .conftest import subset
-
     scoring = subset(fmnist.val, 200)
     whole = car_prune(baseline, scoring, ["conv2"], keep=60, step=2, compensate=True,
                       progress=False)

@@ -4,6 +4,13 @@ VENV   := .venv
 PYTHON ?= python3
 STAMP  := $(VENV)/.installed
 BIN    := $(VENV)/bin
+# torch from the package registry (a CUDA build that also runs on CPU: the same install uses a
+# GPU where there is one), with the torchvision and timm built for it. --isolated: a local
+# pip configuration (a find-links folder with a CPU-only wheel, a constraints file) must not
+# pick another torch. CPU-only machines that want the small wheel: see docs/install.md.
+TORCH       ?= torch==2.13.0 torchvision==0.28.0 timm==1.0.31
+TORCH_FLAGS ?= --isolated
+PIP         := $(BIN)/pip install --quiet --disable-pip-version-check
 
 .PHONY: setup setup-test demo test test-fast lint bench rgb clean
 
@@ -15,8 +22,8 @@ setup-test: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,onnx]'
+	$(PIP) $(TORCH_FLAGS) $(TORCH)
+	$(PIP) -e '.[dev,onnx]'
 	touch $(STAMP)
 
 demo: setup
@@ -39,8 +46,8 @@ bench: setup
 # A real pretrained RGB network: MTCNN's ONet, whose weights ship in facenet-pytorch's wheel.
 # --no-deps: facenet-pytorch pins an old torch and torchvision; carprune only reads its weights.
 rgb: setup
-	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps facenet-pytorch==2.6.0
-	$(BIN)/pip install --quiet --disable-pip-version-check scikit-image==0.26.0
+	$(PIP) --no-deps facenet-pytorch==2.6.0
+	$(PIP) scikit-image==0.26.0
 	$(BIN)/python benchmarks/rgb_pretrained.py --out runs/rgb/rgb.json
 
 clean:

@@ -15,9 +15,9 @@ import argparse
 
 import carprune as cp
 from carprune import io
-from carprune.cli import layer_value
+from carprune.commands.common import first_images
+from carprune.config import layer_value
 from carprune.prune import car_prune, criterion_prune
-from carprune.runs import first_images
 
 
 def main() -> None:

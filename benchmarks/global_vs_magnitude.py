@@ -25,8 +25,8 @@ from torch import nn
 
 import carprune as cp
 from carprune import io
+from carprune.commands.common import first_images
 from carprune.measure import macs_params, speed_report
-from carprune.runs import first_images
 
 
 def magnitude(model: nn.Module, target: float, shape, round_to: int = 1) -> nn.Module:

@@ -32,12 +32,12 @@ from torch.utils.data import TensorDataset
 
 import carprune as cp
 from carprune import io
+from carprune.commands.common import model_labels
 from carprune.criteria import ranking
 from carprune.errors import CarpruneError
 from carprune.groups import Surgery
 from carprune.interpret.colour import WEIGHT_THRESHOLD, colour_selectivity
 from carprune.models.onet import ONET_STATS, pretrained_onet
-from carprune.runs import model_labels
 from carprune.scoring import ScoringSet
 
 LAYER = "conv1"

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import carprune as cp
+from carprune.commands.explain import explain_run
 from carprune.errors import CarpruneError
 from carprune.interpret import (
     ReceptiveField,
@@ -26,7 +27,6 @@ from carprune.interpret import (
     colour_selectivity,
     diversity,
     diversity_comparison,
-    explain_run,
     receptive_field,
     top_patches,
 )

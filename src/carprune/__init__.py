@@ -2,6 +2,8 @@
 
 from . import data as data
 from . import models as models
+from .commands.prune import run as prune_run  # noqa: F401  (the prune command, from Python)
+from .config import PruneConfig as PruneConfig
 from .criteria import CARImportance as CARImportance
 from .errors import CarpruneError as CarpruneError
 from .io import build as build

@@ -9,16 +9,20 @@ writes files. Backend: nccl when CUDA is there, gloo on CPU. Launch with torchru
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from .errors import CarpruneError
-from .groups import Surgery, Unit
-from .scoring import Scores, ScoringSet
+
+if TYPE_CHECKING:  # the scoring layer sits above this one: names for annotations only
+    from .groups import Surgery, Unit
+    from .scoring import Scores, ScoringSet
 
 TIMEOUT_ENV = "CARPRUNE_DIST_TIMEOUT"
 
@@ -48,6 +52,12 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def barrier() -> None:
+    """Wait for every process (rank 0 may have changed files the others are about to read)."""
+    if active():
+        dist.barrier()
+
+
 def shard(scoring: ScoringSet) -> ScoringSet:
     """This rank's batches (every world-th batch): the shards are disjoint and cover the set."""
     if not active():
@@ -56,7 +66,7 @@ def shard(scoring: ScoringSet) -> ScoringSet:
     if not mine:
         raise CarpruneError(f"the scoring set has {len(scoring.batches)} batches, fewer than the "
                             f"{world()} processes; use more scoring images or fewer processes")
-    return ScoringSet(mine, scoring.num_classes)
+    return dataclasses.replace(scoring, batches=mine)
 
 
 def all_reduce_tensor(tensor: torch.Tensor) -> None:

@@ -7,16 +7,24 @@ import copy
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import compensation, dist
+from . import compensation, dist, measure
 from .errors import CarpruneError
 from .groups import Surgery, Unit
-from .scoring import DEFAULT_MEMORY_BUDGET, ScoringSet, make_engine, rank
+from .scoring import (
+    DEFAULT_MEMORY_BUDGET,
+    FastEngine,
+    NaiveEngine,
+    Scores,
+    ScoringSet,
+    make_engine,
+    rank,
+)
 
 
 @dataclass
@@ -48,19 +56,24 @@ class PruneResult:
         return {name: asdict(rec) for name, rec in self.layers.items()}
 
 
-def resolve_keep(keep: float, n: int, layer: str) -> int:
-    """Filters to keep: a fraction strictly between 0 and 1, or a whole count >= 1."""
+def check_keep(keep: float) -> None:
+    """A fraction strictly between 0 and 1, or a whole count >= 1 (of any layer)."""
     if not math.isfinite(keep) or keep <= 0:
         raise CarpruneError(f"keep must be a fraction in (0, 1) or a count >= 1, got {keep}")
+    if keep >= 1 and keep != int(keep):
+        raise CarpruneError(f"keep {keep} is neither a fraction below 1 nor a whole count; "
+                            "use e.g. 0.5 or 16")
+
+
+def resolve_keep(keep: float, n: int, layer: str) -> int:
+    """Filters to keep of the n in `layer`, for a keep that `check_keep` accepts."""
+    check_keep(keep)
     if keep < 1:
         target = math.floor(keep * n + 0.5)
         if target < 1:
             raise CarpruneError(f"keep {keep} leaves no filter of the {n} in {layer!r}; use a "
                                 f"fraction of at least {1 / (2 * n):.3f} or a count >= 1")
         return target
-    if keep != int(keep):
-        raise CarpruneError(f"keep {keep} is neither a fraction below 1 nor a whole count; "
-                            "use e.g. 0.5 or 16")
     if keep >= n:
         raise CarpruneError(f"keep {int(keep)} is not below the {n} filters of {layer!r}; "
                             f"choose a count under {n} or a fraction")
@@ -85,6 +98,14 @@ def check_approximation(step: int, screen: int | None) -> None:
         raise CarpruneError(f"--screen must be at least --step ({step}), got {screen}")
 
 
+def check_global(round_to: int, min_keep: float) -> None:
+    """The guard rails of global CAR, `round_to` and `min_keep`, must be possible."""
+    if round_to < 1:
+        raise CarpruneError(f"--round-to must be a whole number >= 1, got {round_to}")
+    if not 0 <= min_keep < 1:
+        raise CarpruneError(f"--min-keep must be a fraction in [0, 1), got {min_keep}")
+
+
 def _open(model: nn.Module, data, num_classes: int | None,
           inplace: bool) -> tuple[nn.Module, ScoringSet, Surgery]:
     """The network to prune (a copy unless `inplace`, in eval mode), the scoring set, and the
@@ -99,6 +120,57 @@ def _record_history(model: nn.Module, surgery: Surgery) -> None:
     """Store the full pruning history in the model's spec, so that saving it rebuilds it."""
     model.carprune_spec = {**getattr(model, "carprune_spec", {}),
                            "pruning_history": surgery.history()}
+
+
+@dataclass
+class _Run:
+    """What every step of a CAR run works with: the surgery, the scoring set and engine (this
+    process's share of the set and tallies summed over all, when distributed), how units leave,
+    and the scoring accuracy. A removal's accuracy is known only at the next scoring pass (its
+    base), so its step waits in `pending` until then."""
+
+    surgery: Surgery
+    scoring: ScoringSet
+    scorer: FastEngine | NaiveEngine | dist.ShardedEngine
+    remove: Callable[[str, Sequence[int]], list[int]]
+    val_before: float | None = None
+    pending: list[Step | GlobalStep] = field(default_factory=list)
+
+    def measured(self, accuracy: float) -> None:
+        """The network as it is now scores `accuracy`: the first such is the run's before."""
+        self.val_before = accuracy if self.val_before is None else self.val_before
+        for st in self.pending:
+            st.val_accuracy = accuracy
+        self.pending = []
+
+
+def _start(surgery: Surgery, scoring: ScoringSet, engine: str, memory_budget: int,
+           compensate: bool, val_before: float | None = None) -> _Run:
+    """A run on `surgery` with the named engine, sharded over the processes when distributed."""
+    scorer = make_engine(engine, memory_budget, compensate)
+    if dist.active():
+        scoring, scorer = dist.shard(scoring), dist.ShardedEngine(scorer)
+    return _Run(surgery, scoring, scorer, _remover(surgery, scoring, compensate), val_before)
+
+
+def _remover(surgery: Surgery, scoring: ScoringSet,
+             compensate: bool) -> Callable[[str, Sequence[int]], list[int]]:
+    """How chosen channels leave: physically, after a least-squares refit of their consumers
+    when compensating."""
+    if compensate:
+        return lambda layer, channels: compensation.remove(surgery, layer, channels,
+                                                           scoring.batches)
+    return surgery.remove
+
+
+def _finish(model: nn.Module, run: _Run, records: dict[str, LayerRecord],
+            start: float) -> PruneResult:
+    """Score the pruned network, which also measures the last steps, and store its history."""
+    val_after = float(run.scorer.score(run.surgery, [], run.scoring)[0].accuracy()[0])
+    run.measured(val_after)
+    _record_history(model, run.surgery)
+    return PruneResult(model, records, run.val_before, val_after, time.perf_counter() - start,
+                       run.scorer.name)
 
 
 def car_prune(model: nn.Module, data, layers: Sequence[str], keep: float = 0.5, step: int = 1,
@@ -130,63 +202,86 @@ def car_prune(model: nn.Module, data, layers: Sequence[str], keep: float = 0.5, 
         warnings.warn("the scoring set holds a single class: CAR still ranks filters, but "
                       "class importance is meaningless; score on data with several classes",
                       stacklevel=2)
-    scorer = make_engine(engine, memory_budget, compensate)
-    if dist.active():
-        scoring, scorer = dist.shard(scoring), dist.ShardedEngine(scorer)
-    remove = _remover(surgery, scoring, compensate)
-    for name in layers:
-        need = scorer.cache_bytes(surgery, name, scoring)
-        if need > memory_budget:
-            raise CarpruneError(f"exact CAR of {name!r} caches {need / 2**30:.1f} GiB of "
-                                f"activations for {scoring.total} scoring images, over the "
-                                f"memory budget of {memory_budget / 2**30:.1f} GiB; lower "
-                                "--score-samples or raise --memory-budget")
+    run = _start(surgery, scoring, engine, memory_budget, compensate, val_before)
+    _check_cache(run, layers, memory_budget)
     records: dict[str, LayerRecord] = {}
-    pending: Step | None = None  # the last step, until the next scoring pass measures it
     for name in layers:
-        n, target = surgery.size(name), targets[name]
-        record = records[name] = LayerRecord(n, target)
+        target = targets[name]
+        record = records[name] = LayerRecord(surgery.size(name), target)
         last: dict[int, float] = {}  # original index -> CAR index at its last exact scoring
-        for past in (done or {}).get(name, LayerRecord(n, target)).steps:
-            last.update(zip(past.candidates, past.car, strict=True))
-            remove(name, [surgery.alive[name].index(o) for o in past.removed])
-            record.removed += past.removed
-            record.steps.append(past)
-            pending = past if math.isnan(past.val_accuracy) else None
-        sizes = list(_lefts(surgery.size(name), target, step))
-        bar = tqdm(total=sum(min(k, screen or k) if i or last else k
-                             for i, k in enumerate(sizes)),
+        _replay(run, name, done[name].steps if done and name in done else [], record, last)
+        bar = tqdm(total=_candidates(surgery.size(name), target, step, screen, bool(last)),
                    desc=f"CAR {name}", unit="cand", disable=not (progress and dist.is_main()))
         while surgery.size(name) > target:
-            alive = surgery.alive[name]
-            channels = list(range(len(alive)))
-            if screen and last:
-                channels = sorted(sorted(channels, key=lambda c: (last[alive[c]], alive[c]))
-                                  [:screen])
-            units = [Unit(name, c) for c in channels]
-            base, scores = scorer.score(surgery, units, scoring, bar.update)
-            base_acc = float(base.accuracy()[0])
-            val_before = base_acc if val_before is None else val_before
-            if pending is not None:
-                pending.val_accuracy = base_acc
-            original = [alive[c] for c in channels]
-            picks = rank(scores, original)[:min(step, surgery.size(name) - target)]
-            car = (base_acc - scores.accuracy()).tolist()
-            last.update(zip(original, car, strict=True))
-            pending = Step(remove(name, [channels[i] for i in picks]), float("nan"),
-                           original, car)
-            record.removed += pending.removed
-            record.steps.append(pending)
-            bar.set_postfix(left=surgery.size(name), best_car=f"{car[picks[0]]:+.4f}")
+            removal = _greedy_step(run, name, min(step, surgery.size(name) - target), screen,
+                                   last, bar)
+            record.removed += removal.removed
+            record.steps.append(removal)
             if on_step is not None:
-                on_step(records, val_before)
+                on_step(records, run.val_before)
         bar.close()
-    val_after = float(scorer.score(surgery, [], scoring)[0].accuracy()[0])
-    if pending is not None:
-        pending.val_accuracy = val_after
-    _record_history(model, surgery)
-    return PruneResult(model, records, val_before if val_before is not None else val_after,
-                       val_after, time.perf_counter() - start, scorer.name)
+    return _finish(model, run, records, start)
+
+
+def _check_cache(run: _Run, layers: Sequence[str], memory_budget: int) -> None:
+    """Refuse at the start, not layers into the run, when exact CAR of a layer would cache more
+    activations than the memory budget allows."""
+    for name in layers:
+        need = run.scorer.cache_bytes(run.surgery, name, run.scoring)
+        if need > memory_budget:
+            raise CarpruneError(f"exact CAR of {name!r} caches {need / 2**30:.1f} GiB of "
+                                f"activations for {run.scoring.total} scoring images, over the "
+                                f"memory budget of {memory_budget / 2**30:.1f} GiB; lower "
+                                "--score-samples or raise --memory-budget")
+
+
+def _replay(run: _Run, name: str, steps: Sequence[Step], record: LayerRecord,
+            last: dict[int, float]) -> None:
+    """Redo an interrupted run's removals in `name`, so that the run goes on where it stopped
+    with the CAR indices it had; a step it never measured waits for the next scoring pass."""
+    for past in steps:
+        last.update(zip(past.candidates, past.car, strict=True))
+        run.remove(name, [run.surgery.alive[name].index(o) for o in past.removed])
+        record.removed += past.removed
+        record.steps.append(past)
+        run.pending = [past] if math.isnan(past.val_accuracy) else []
+
+
+def _candidates(n: int, target: int, step: int, screen: int | None, scored: bool) -> int:
+    """Candidates greedy CAR scores in a layer cut from `n` filters to `target`, for the
+    progress bar: every filter left at each step, or only `screen` of them once the layer has
+    been scored (`scored`: by the replayed steps of an interrupted run)."""
+    return sum(min(k, screen or k) if i or scored else k
+               for i, k in enumerate(_lefts(n, target, step)))
+
+
+def _lefts(n: int, target: int, step: int) -> Iterator[int]:
+    """The filters a layer has at each step of greedy CAR from `n` down to `target`."""
+    while n > target:
+        yield n
+        n -= min(step, n - target)
+
+
+def _greedy_step(run: _Run, name: str, count: int, screen: int | None, last: dict[int, float],
+                 bar: tqdm) -> Step:
+    """One step of greedy CAR in `name`: score its filters (with `screen`, only those with the
+    lowest CAR index at their last scoring) and remove the `count` whose absence costs least."""
+    alive = run.surgery.alive[name]
+    channels = list(range(len(alive)))
+    if screen and last:
+        channels = sorted(sorted(channels, key=lambda c: (last[alive[c]], alive[c]))[:screen])
+    units = [Unit(name, c) for c in channels]
+    base, scores = run.scorer.score(run.surgery, units, run.scoring, bar.update)
+    base_acc = float(base.accuracy()[0])
+    run.measured(base_acc)
+    original = [alive[c] for c in channels]
+    picks = rank(scores, original)[:count]
+    car = (base_acc - scores.accuracy()).tolist()
+    last.update(zip(original, car, strict=True))
+    removal = Step(run.remove(name, [channels[i] for i in picks]), float("nan"), original, car)
+    run.pending = [removal]
+    bar.set_postfix(left=run.surgery.size(name), best_car=f"{car[picks[0]]:+.4f}")
+    return removal
 
 
 def criterion_prune(model: nn.Module, data, layers: Sequence[str], criterion: str,
@@ -208,22 +303,6 @@ def criterion_prune(model: nn.Module, data, layers: Sequence[str], criterion: st
     _record_history(model, surgery)
     return PruneResult(model, records, float("nan"), float("nan"),
                        time.perf_counter() - start, criterion)
-
-
-def _remover(surgery: Surgery, scoring: ScoringSet,
-             compensate: bool) -> Callable[[str, Sequence[int]], list[int]]:
-    """How chosen channels leave: physically, after a least-squares refit of their consumers
-    when compensating."""
-    if compensate:
-        return lambda layer, channels: compensation.remove(surgery, layer, channels,
-                                                           scoring.batches)
-    return surgery.remove
-
-
-def _lefts(n: int, target: int, step: int):
-    while n > target:
-        yield n
-        n -= min(step, n - target)
 
 
 @dataclass
@@ -313,122 +392,200 @@ def global_car_prune(model: nn.Module, data, target: float, layers: Sequence[str
     compensate: as in `car_prune`, every candidate is scored, and every removal made, with
     its consumers refit by least squares.
     """
-    from .measure import latency_costs, latency_ms, macs_params, unit_costs
-
-    kinds = ("macs", "params", "latency")
     cost = cost or budget
+    _check_global(target, budget, cost, min_keep, step, screen, round_to)
+    start = time.perf_counter()
+    model, scoring, surgery = _open(model, data, num_classes, inplace)
+    leaders = group_leaders(surgery, _global_layers(surgery, layers, ignore))
+    floors = {n: max(1, math.ceil(min_keep * surgery.size(n))) for n in leaders}
+    records = {n: LayerRecord(surgery.size(n), surgery.size(n)) for n in leaders}
+    meter = _Budget(budget, cost, target, model, scoring.example().shape[1:], surgery, leaders)
+    run = _start(surgery, scoring, engine, memory_budget, compensate)
+    ranking = _Ranking(surgery, leaders, floors, round_to)
+    bar = tqdm(total=round(100 * (1 - meter.target)),
+               desc=f"global CAR to {meter.target:.0%} {budget}", unit="%",
+               disable=not (progress and dist.is_main()))
+    steps: list[GlobalStep] = []
+    while meter.left > meter.target:
+        removals = _round(run, meter, ranking, step, screen, records, bar)
+        if removals is None:
+            blocked = " or a --round-to block above it" if round_to > 1 else ""
+            warnings.warn(f"every layer is at its --min-keep floor{blocked} with "
+                          f"{meter.left:.1%} of the {budget} left, short of the target "
+                          f"{meter.target:.0%}; lower --min-keep"
+                          f"{' or --round-to' if round_to > 1 else ''}", stacklevel=2)
+            break
+        steps += removals
+    bar.close()
+    return _finish(model, run, records, start), steps
+
+
+def _check_global(target: float, budget: str, cost: str, min_keep: float, step: int,
+                  screen: int | None, round_to: int) -> None:
+    """Refuse settings of global CAR that make no sense, before any work."""
     for kind in (budget, cost):
-        if kind not in kinds:
+        if kind not in ("macs", "params", "latency"):
             raise CarpruneError(f"unknown budget or cost {kind!r}; use macs, params or latency")
     if budget != "latency" and not 0 < target < 1:
         raise CarpruneError(f"the target must be a fraction in (0, 1) of the original "
                             f"{budget}, got {target}")
     check_approximation(step, screen)
-    if round_to < 1:
-        raise CarpruneError(f"--round-to must be a whole number >= 1, got {round_to}")
-    if not 0 <= min_keep < 1:
-        raise CarpruneError(f"--min-keep must be a fraction in [0, 1), got {min_keep}")
-    start = time.perf_counter()
-    model, scoring, surgery = _open(model, data, num_classes, inplace)
+    check_global(round_to, min_keep)
+
+
+def _global_layers(surgery: Surgery, layers: Sequence[str] | None,
+                   ignore: Sequence[str]) -> list[str]:
+    """The layers global CAR prunes: `layers` (default every prunable conv) less `ignore`."""
     for name in ignore:
         surgery.check_layer(name)
-    chosen_layers = [n for n in (layers or surgery.conv_layers()) if n not in set(ignore)]
-    check_layers(surgery, chosen_layers)
-    leaders = group_leaders(surgery, chosen_layers)
-    floors = {n: max(1, math.ceil(min_keep * surgery.size(n))) for n in leaders}
-    records = {n: LayerRecord(surgery.size(n), surgery.size(n)) for n in leaders}
-    shape = scoring.example().shape[1:]
+    chosen = [n for n in (layers or surgery.conv_layers()) if n not in set(ignore)]
+    check_layers(surgery, chosen)
+    return chosen
 
-    def amount() -> float:
-        if budget == "latency":
-            return latency_ms(model, shape, repeats=20)
-        return macs_params(model, shape)[budget == "params"]
 
-    original = amount()
-    if budget == "latency":
-        if not 0 < target < original:
-            raise CarpruneError(f"--target-latency-ms must be below the network's measured "
-                                f"{original:.3f} ms per image (batch 1), got {target}")
-        target = target / original
-    per_unit = latency_costs(surgery, leaders) if cost == "latency" else {}
+class _Budget:
+    """What global CAR spends: the network's MACs, parameters or latency (`kind`), followed as
+    a fraction of the original down to the `target` fraction, and what each unit's removal
+    saves by the ranking's `cost`."""
 
-    def costs_of(name: str) -> list[float]:
-        if cost == "latency":
-            return [per_unit[name]] * surgery.size(name)
-        return unit_costs(surgery, name, cost)
+    def __init__(self, kind: str, cost: str, target: float, model: nn.Module,
+                 shape: Sequence[int], surgery: Surgery, leaders: Sequence[str]) -> None:
+        self.kind, self.cost, self.surgery = kind, cost, surgery
+        self.model, self.shape = model, shape
+        self.original = self.amount()
+        if kind == "latency":
+            if not 0 < target < self.original:
+                raise CarpruneError(f"--target-latency-ms must be below the network's measured "
+                                    f"{self.original:.3f} ms per image (batch 1), got {target}")
+            target = target / self.original
+        self.target = target
+        self.left = 1.0
+        # a latency cost: milliseconds per unit of each layer, measured once at the start
+        self.per_unit = measure.latency_costs(surgery, leaders) if cost == "latency" else {}
 
-    scorer = make_engine(engine, memory_budget, compensate)
-    if dist.active():
-        scoring, scorer = dist.shard(scoring), dist.ShardedEngine(scorer)
-    remove = _remover(surgery, scoring, compensate)
-    steps: list[GlobalStep] = []
-    pending: list[GlobalStep] = []  # this round's steps, until the next pass measures them
-    left = 1.0
-    bar = tqdm(total=round(100 * (1 - target)), desc=f"global CAR to {target:.0%} {budget}",
-               unit="%", disable=not (progress and dist.is_main()))
-    val_before = None
-    # (layer, original index) -> (images lost, loss gained) at the unit's last exact scoring
-    last: dict[tuple[str, int], tuple[int, float]] = {}
+    def amount(self) -> float:
+        """The budgeted quantity of the network as it is now (a latency is measured anew)."""
+        if self.kind == "latency":
+            return measure.latency_ms(self.model, self.shape, repeats=20)
+        return measure.macs_params(self.model, self.shape)[self.kind == "params"]
 
-    def key(u: Unit, saved: float) -> tuple:
-        original = surgery.alive[u.layer][u.channel]
-        return (*_own_key(*last[u.layer, original], saved), leaders.index(u.layer), original)
+    def spent(self) -> float:
+        """What is left after a removal, as a fraction of the original."""
+        self.left = self.amount() / self.original
+        return self.left
 
-    while left > target:
-        open_layers = [n for n in leaders if surgery.size(n) > floors[n]]
-        saving_of = {Unit(n, c): saved for n in open_layers
-                     for c, saved in enumerate(costs_of(n))}
+    def need(self) -> float:
+        """What a round must still save to meet the target, so that it stops early once its
+        savings cover it: known only when the ranking's cost is what the budget counts, and
+        never for a latency, which is measured rather than summed."""
+        if self.cost == self.kind != "latency":
+            return (self.left - self.target) * self.original
+        return math.inf
+
+    def savings(self, layers: Sequence[str]) -> dict[Unit, float]:
+        """What removing each unit of `layers` saves, by the ranking's cost."""
+        return {Unit(n, c): saved for n in layers for c, saved in enumerate(self._costs(n))}
+
+    def _costs(self, name: str) -> list[float]:
+        if self.cost == "latency":
+            return [self.per_unit[name]] * self.surgery.size(name)
+        return measure.unit_costs(self.surgery, name, self.cost)
+
+
+class _Ranking:
+    """The order in which global CAR removes units: by what each lost at its last exact
+    scoring (a screened round re-scores only some) per unit of today's saving, ties broken by
+    layer (in `leaders` order), then original index; in blocks of `round_to` per layer, and no
+    layer below its floor."""
+
+    def __init__(self, surgery: Surgery, leaders: list[str], floors: dict[str, int],
+                 round_to: int) -> None:
+        self.surgery, self.leaders = surgery, leaders
+        self.floors, self.round_to = floors, round_to
+        # (layer, original index) -> (images lost, loss gained) at the unit's last exact scoring
+        self.last: dict[tuple[str, int], tuple[int, float]] = {}
+
+    def open_layers(self) -> list[str]:
+        """The layers above their floor: those a round may still prune."""
+        return [n for n in self.leaders if self.surgery.size(n) > self.floors[n]]
+
+    def learn(self, units: Sequence[Unit], base: Scores, scores: Scores) -> None:
+        """Keep what each scored unit's absence loses: images, and loss in millionths of the
+        largest loss, so that engines that sum in a different order still rank alike."""
+        quantum = (float(scores.loss.abs().max()) or 1.0) * 1e-6
+        for i, u in enumerate(units):
+            self.last[u.layer, self.surgery.alive[u.layer][u.channel]] = (
+                int(base.correct[0]) - int(scores.correct[i]),
+                round((float(scores.loss[i]) - float(base.loss[0])) / quantum))
+
+    def unit_key(self, unit: Unit, saved: float) -> tuple:
+        """A unit's rank by its last scores when its removal saves `saved`."""
+        original = self.surgery.alive[unit.layer][unit.channel]
+        return (*_own_key(*self.last[unit.layer, original], saved),
+                self.leaders.index(unit.layer), original)
+
+    def screened(self, saving_of: dict[Unit, float], screen: int | None) -> list[Unit]:
+        """The units a round scores: all, or once each has a score, the `screen` that rank
+        first by their last scores."""
         units = list(saving_of)
-        if screen and last:
-            units = sorted(units, key=lambda u: key(u, saving_of[u]))[:screen]
-        if units:
-            base, scores = scorer.score(surgery, units, scoring)
-            base_acc = float(base.accuracy()[0])
-            val_before = base_acc if val_before is None else val_before
-            for st in pending:
-                st.val_accuracy = base_acc
-            pending = []
-            quantum = (float(scores.loss.abs().max()) or 1.0) * 1e-6
-            for i, u in enumerate(units):
-                last[u.layer, surgery.alive[u.layer][u.channel]] = (
-                    int(base.correct[0]) - int(scores.correct[i]),
-                    round((float(scores.loss[i]) - float(base.loss[0])) / quantum))
-        blocks = [b for n in open_layers for b in _blocks(
-            n, leaders.index(n), [(c, saving_of[Unit(n, c)], *last[n, o], o)
-                                  for c, o in enumerate(surgery.alive[n])],
-            surgery.size(n) - floors[n], round_to)]
-        if not blocks:
-            blocked = " or a --round-to block above it" if round_to > 1 else ""
-            warnings.warn(f"every layer is at its --min-keep floor{blocked} with {left:.1%} "
-                          f"of the {budget} left, short of the target {target:.0%}; lower "
-                          f"--min-keep{' or --round-to' if round_to > 1 else ''}", stacklevel=2)
+        if screen and self.last:
+            units = sorted(units, key=lambda u: self.unit_key(u, saving_of[u]))[:screen]
+        return units
+
+    def blocks(self, layers: Sequence[str], saving_of: dict[Unit, float]) -> list[_Block]:
+        """Every block of `layers` that may go, in each layer's order."""
+        return [b for n in layers for b in _blocks(
+            n, self.leaders.index(n), [(c, saving_of[Unit(n, c)], *self.last[n, o], o)
+                                       for c, o in enumerate(self.surgery.alive[n])],
+            self.surgery.size(n) - self.floors[n], self.round_to)]
+
+    def lost(self, layer: str, channels: Sequence[int]) -> int:
+        """Images the absence of each of `channels` lost at its last scoring, summed."""
+        return sum(self.last[layer, self.surgery.alive[layer][c]][0] for c in channels)
+
+
+def _round(run: _Run, meter: _Budget, ranking: _Ranking, step: int, screen: int | None,
+           records: dict[str, LayerRecord], bar: tqdm) -> list[GlobalStep] | None:
+    """One round of global CAR: score the (screened) units of the layers above their floors,
+    then remove the best blocks until `step` units have gone or the savings cover what the
+    budget still needs. None when no block can go."""
+    layers = ranking.open_layers()
+    saving_of = meter.savings(layers)
+    units = ranking.screened(saving_of, screen)
+    if units:
+        base, scores = run.scorer.score(run.surgery, units, run.scoring)
+        run.measured(float(base.accuracy()[0]))
+        ranking.learn(units, base, scores)
+    blocks = ranking.blocks(layers, saving_of)
+    if not blocks:
+        return None
+    return [_take(run, meter, ranking, records, bar, name, chosen)
+            for name, chosen in _pick(blocks, step, meter.need()).items()]
+
+
+def _pick(blocks: list[_Block], step: int, need: float) -> dict[str, list[tuple[int, float]]]:
+    """A round's removals per layer, (channel, saving) each: the best blocks until the round
+    has `step` units or its savings reach `need`."""
+    picked: dict[str, list[tuple[int, float]]] = {}
+    saving = 0.0
+    for block in sorted(blocks, key=lambda b: b.key):
+        if sum(map(len, picked.values())) >= step or saving >= need:
             break
-        # a round stops early once its savings cover what the budget still needs
-        need = (left - target) * original if cost == budget != "latency" else math.inf
-        picked: dict[str, list[tuple[int, float]]] = {}
-        saving = 0.0
-        for block in sorted(blocks, key=lambda b: b.key):
-            if sum(map(len, picked.values())) >= step or saving >= need:
-                break
-            picked.setdefault(block.layer, []).extend(block.units)
-            saving += sum(saved for _, saved in block.units)
-        for name, chosen in picked.items():
-            channels = [c for c, _ in chosen]
-            car = sum(last[name, surgery.alive[name][c]][0] for c in channels) / scoring.total
-            removed = remove(name, channels)
-            records[name].removed += removed
-            records[name].filters_after = surgery.size(name)
-            now = amount() / original
-            pending.append(GlobalStep(name, removed, car, sum(s for _, s in chosen),
-                                      float("nan"), now))
-            steps.append(pending[-1])
-            bar.update(max(0, round(100 * (1 - now)) - bar.n))
-            left = now
-    bar.close()
-    val_after = float(scorer.score(surgery, [], scoring)[0].accuracy()[0])
-    for st in pending:
-        st.val_accuracy = val_after
-    _record_history(model, surgery)
-    result = PruneResult(model, records, val_before if val_before is not None else val_after,
-                         val_after, time.perf_counter() - start, scorer.name)
-    return result, steps
+        picked.setdefault(block.layer, []).extend(block.units)
+        saving += sum(saved for _, saved in block.units)
+    return picked
+
+
+def _take(run: _Run, meter: _Budget, ranking: _Ranking, records: dict[str, LayerRecord],
+          bar: tqdm, name: str, chosen: list[tuple[int, float]]) -> GlobalStep:
+    """Remove a round's picks from one layer; its step records what is left of the budget."""
+    channels = [c for c, _ in chosen]
+    car = ranking.lost(name, channels) / run.scoring.total
+    removed = run.remove(name, channels)
+    records[name].removed += removed
+    records[name].filters_after = run.surgery.size(name)
+    removal = GlobalStep(name, removed, car, sum(s for _, s in chosen), float("nan"),
+                         meter.spent())
+    run.pending.append(removal)
+    bar.update(max(0, round(100 * (1 - removal.remaining)) - bar.n))
+    return removal

@@ -145,6 +145,49 @@ def compress_run(checkpoint_or_run_dir: str | os.PathLike, data, out: str | os.P
     result.json does not name one that exists here.
     """
     out = Path(out)
+    _check_settings(out, finetune_epochs, prune_rounds)
+    source = io.resolve_checkpoint(checkpoint_or_run_dir)
+    model = io.load(source)
+    check_fits(model, data)
+    modules = weight_layers(model)
+    widths = _layer_settings(modules, weight_sparsity, layer_sparsity, bits, layer_bits)
+    base = _baseline_model(source, model, baseline)
+    unpruned = io.build(dict(io.spec_of(model), pruning_history=[]))
+    accuracy = {"baseline": evaluate(base, data.test).accuracy if base is not None else None,
+                "car": evaluate(model, data.test).accuracy}
+    original = weight_layers(unpruned)
+    sizes = {name: {**dict.fromkeys(STAGES, 0), "original": dense_bytes([original[name].weight]),
+                    "car": dense_bytes([m.weight])} for name, m in modules.items()}
+    others = [t for key, t in model.state_dict().items()
+              if key not in {f"{name}.weight" for name in modules}]
+    for r, fraction in enumerate(sparsity_schedule(prune_rounds)):
+        prune_weights(model, weight_sparsity, scope, layer_sparsity, fraction)
+        fit(model, data.train, finetune_epochs, lr=finetune_lr, seed=seed + 2 * r,
+            progress=progress, desc=f"fine-tune pruned ({r + 1}/{prune_rounds})")
+    make_permanent(model)
+    accuracy["pruned"] = evaluate(model, data.test).accuracy
+    zeros = {name: float((m.weight == 0).float().mean()) for name, m in modules.items()}
+    codebooks = _share_weights(modules, widths, sizes)
+    accuracy["quantized"] = evaluate(model, data.test).accuracy
+    fit(model, data.train, finetune_epochs, lr=centroid_lr, seed=seed + 1, progress=progress,
+        desc="fine-tune centroids")
+    for module in modules.values():
+        freeze_(module)
+    path = out / "model.carz"
+    write_carz(path, model, [f"{name}.weight" for name in modules])
+    accuracy["final"] = evaluate(load_carz(path), data.test).accuracy
+    report = _size_report(path, sizes, others, unpruned, accuracy)
+    io.write_json(out / "sizes.json", report)
+    print(size_table(report, zeros, codebooks))
+    print(parts_table(report))
+    if base is None:
+        print("baseline accuracy unknown: the run names no unpruned checkpoint found here; "
+              "pass baseline= (the CLI's --baseline) to report it")
+    print(f"written to {path} and {out / 'sizes.json'}")
+    return report
+
+
+def _check_settings(out: Path, finetune_epochs: int, prune_rounds: int) -> None:
     for name in ("model.carz", "sizes.json"):
         if (out / name).exists():
             raise CarpruneError(f"{out / name} already exists; choose another --out or remove "
@@ -154,10 +197,12 @@ def compress_run(checkpoint_or_run_dir: str | os.PathLike, data, out: str | os.P
     if not isinstance(prune_rounds, int) or prune_rounds < 1:
         raise CarpruneError(f"--prune-rounds must be a whole number, 1 or more, got "
                             f"{prune_rounds}")
-    source = io.resolve_checkpoint(checkpoint_or_run_dir)
-    model = io.load(source)
-    check_fits(model, data)
-    modules = weight_layers(model)
+
+
+def _layer_settings(modules: dict[str, nn.Module], weight_sparsity: float,
+                    layer_sparsity: Mapping[str, float] | None, bits: int,
+                    layer_bits: Mapping[str, int] | None) -> dict[str, int]:
+    """Check every layer's sparsity and bits; return the bits per layer."""
     names = list(modules)
     sparsity = per_layer(weight_sparsity, layer_sparsity, names, "sparsity")
     widths = per_layer(bits, layer_bits, names, "bits")
@@ -168,44 +213,27 @@ def compress_run(checkpoint_or_run_dir: str | os.PathLike, data, out: str | os.P
         if not isinstance(widths[name], int) or not 1 <= widths[name] <= 8:
             raise CarpruneError(f"bits of {name} must be a whole number from 1 to 8, got "
                                 f"{widths[name]}")
-    base = _baseline_model(source, model, baseline)
-    unpruned = io.build(dict(io.spec_of(model), pruning_history=[]))
-    test = data.test
-    accuracy = {"baseline": evaluate(base, test).accuracy if base is not None else None,
-                "car": evaluate(model, test).accuracy}
-    sizes = {name: dict.fromkeys(STAGES, 0) for name in names}
-    original = weight_layers(unpruned)
-    for name, module in modules.items():
-        sizes[name]["original"] = dense_bytes([original[name].weight])
-        sizes[name]["car"] = dense_bytes([module.weight])
-    others = [t for key, t in model.state_dict().items()
-              if key not in {f"{name}.weight" for name in names}]
+    return widths
 
-    for r, fraction in enumerate(sparsity_schedule(prune_rounds)):
-        prune_weights(model, weight_sparsity, scope, layer_sparsity, fraction)
-        fit(model, data.train, finetune_epochs, lr=finetune_lr, seed=seed + 2 * r,
-            progress=progress, desc=f"fine-tune pruned ({r + 1}/{prune_rounds})")
-    make_permanent(model)
-    accuracy["pruned"] = evaluate(model, test).accuracy
-    zeros = {name: float((m.weight == 0).float().mean()) for name, m in modules.items()}
+
+def _share_weights(modules: dict[str, nn.Module], widths: dict[str, int],
+                   sizes: dict[str, dict]) -> dict[str, int]:
+    """k-means weight sharing of every layer; records the pruned and quantized sizes."""
     codebooks = {}
     for name, module in modules.items():
         sizes[name]["pruned"] = sparse_bytes(module.weight, 32, gap_bits(module))
         codebooks[name] = quantize_(module, widths[name])
         sizes[name]["quantized"] = sparse_bytes(module.weight, widths[name], gap_bits(module)) \
             + CODEBOOK_ENTRY_BYTES * codebooks[name]
-    accuracy["quantized"] = evaluate(model, test).accuracy
-    fit(model, data.train, finetune_epochs, lr=centroid_lr, seed=seed + 1, progress=progress,
-        desc="fine-tune centroids")
-    for module in modules.values():
-        freeze_(module)
+    return codebooks
 
-    path = out / "model.carz"
-    write_carz(path, model, [f"{name}.weight" for name in names])
-    accuracy["final"] = evaluate(load_carz(path), test).accuracy
+
+def _size_report(path: Path, sizes: dict[str, dict], others: list, unpruned: nn.Module,
+                 accuracy: dict) -> dict:
+    """sizes.json: bytes per layer and stage (the coded ones read back from the file)."""
     records = record_sizes(path)
     parts = coded_breakdown(path)
-    for name in names:
+    for name in sizes:
         sizes[name]["coded"] = records[f"{name}.weight"]
     raw = dense_bytes(others)
     total = {"original": dense_bytes(unpruned.state_dict().values()),
@@ -213,19 +241,11 @@ def compress_run(checkpoint_or_run_dir: str | os.PathLike, data, out: str | os.P
              "pruned": sum(s["pruned"] for s in sizes.values()) + raw,
              "quantized": sum(s["quantized"] for s in sizes.values()) + raw,
              "coded": os.path.getsize(path)}
-    report = {"layers": {name: {"bytes": s, "factor": s["original"] / s["coded"],
-                                "coded_parts": parts[f"{name}.weight"]}
-                         for name, s in sizes.items()},
-              "total": {"bytes": total, "factor": total["original"] / total["coded"]},
-              "accuracy": accuracy}
-    io.write_json(out / "sizes.json", report)
-    print(size_table(report, zeros, codebooks))
-    print(parts_table(report))
-    if base is None:
-        print("baseline accuracy unknown: the run names no unpruned checkpoint found here; "
-              "pass baseline= (the CLI's --baseline) to report it")
-    print(f"written to {path} and {out / 'sizes.json'}")
-    return report
+    return {"layers": {name: {"bytes": s, "factor": s["original"] / s["coded"],
+                              "coded_parts": parts[f"{name}.weight"]}
+                       for name, s in sizes.items()},
+            "total": {"bytes": total, "factor": total["original"] / total["coded"]},
+            "accuracy": accuracy}
 
 
 def parts_table(report: dict) -> str:

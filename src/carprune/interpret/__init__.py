@@ -1,5 +1,5 @@
-"""Interpretation: which classes need each filter, what excites it, colour and diversity, and
-one report (`explain_run`)."""
+"""Interpretation: which classes need each filter, what excites it, colour and diversity
+(`carprune explain`, in commands/explain.py, writes them as one report)."""
 
 from .class_importance import ClassImportance as ClassImportance
 from .class_importance import class_importance as class_importance
@@ -13,4 +13,3 @@ from .pictures import filter_grid as filter_grid
 from .pictures import heatmap as heatmap
 from .pictures import receptive_field as receptive_field
 from .pictures import top_patches as top_patches
-from .report import explain_run as explain_run

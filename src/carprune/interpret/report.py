@@ -1,12 +1,10 @@
-"""`explain_run`: everything the interpretation part knows about some layers, as files a person
-reads (PNGs, one self-contained report.html) and files a program reads (CSV, JSON)."""
+"""The pieces of `carprune explain` (commands/explain.py): one section per layer (class
+importance, top patches, colour, diversity) and the self-contained report.html around them."""
 
 from __future__ import annotations
 
 import base64
-import copy
 import html
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,11 +12,9 @@ import torch
 from torch import nn
 
 from .. import io
-from ..data import Data, check_fits
+from ..data import Data
 from ..errors import CarpruneError
-from ..groups import Surgery
-from ..prune import check_layers
-from ..scoring import ScoringSet, make_engine
+from ..scoring import ScoringSet
 from .class_importance import ClassImportance, class_importance
 from .colour import (
     ACTIVATION_THRESHOLD,
@@ -32,7 +28,6 @@ from .colour import (
 )
 from .pictures import (
     Patches,
-    filter_grid,
     heatmap,
     image_png,
     patch_strip,
@@ -47,12 +42,6 @@ def first_conv(model: nn.Module, channels: int) -> str | None:
     """The conv layer that reads the image: the first Conv2d taking the input's channels."""
     return next((name for name, m in model.named_modules()
                  if isinstance(m, nn.Conv2d) and m.in_channels == channels), None)
-
-
-def _model(checkpoint_or_model) -> tuple[nn.Module, str]:
-    if isinstance(checkpoint_or_model, nn.Module):
-        return checkpoint_or_model.eval(), "a model given in Python"
-    return io.load(checkpoint_or_model), str(checkpoint_or_model)
 
 
 def removal_orders(prune_run, model: nn.Module, layers: Sequence[str]) -> dict[str, list[int]]:
@@ -84,36 +73,17 @@ def removal_orders(prune_run, model: nn.Module, layers: Sequence[str]) -> dict[s
     return orders
 
 
-def _validated(checkpoint_or_model, data: Data, layers: Sequence[str], out, prune_run,
-               score_samples: int | None, engine: str, top_k: int):
-    from ..runs import first_images, refuse_existing_output
-
-    if not isinstance(data, Data):
-        raise CarpruneError("explain_run needs a carprune Data (e.g. carprune.data."
-                            "fashion_mnist()); use class_importance for a bare data set")
-    make_engine(engine)
-    if top_k < 1:
-        raise CarpruneError(f"top_k must be at least 1 patch per filter, got {top_k}")
-    model, source = _model(checkpoint_or_model)
-    check_fits(model, data)
-    check_layers(Surgery(copy.deepcopy(model), data.val.tensors[0][:1]), layers)
-    dataset = first_images(data.val, score_samples, "--score-samples")
-    orders = removal_orders(prune_run, model, layers)
-    refuse_existing_output(str(out))
-    return model, source, dataset, orders
-
-
 def _img(data: bytes, alt: str, css: str = "") -> str:
     encoded = base64.b64encode(data).decode("ascii")
     return f'<img class="{css}" alt="{html.escape(alt)}" src="data:image/png;base64,{encoded}">'
 
 
-def _pts(value: float) -> str:
+def points(value: float) -> str:
     return f"{100 * value:+.1f}"
 
 
 def _classes_cell(pairs: list[tuple[str, float]]) -> str:
-    return "<br>".join(f"{html.escape(c)} <b>{_pts(v)}</b>" for c, v in pairs)
+    return "<br>".join(f"{html.escape(c)} <b>{points(v)}</b>" for c, v in pairs)
 
 
 def _layer_html(name: str, imp: ClassImportance, figures: dict[str, bytes], strips: list[bytes],
@@ -122,7 +92,7 @@ def _layer_html(name: str, imp: ClassImportance, figures: dict[str, bytes], stri
     parts = [f'<h2 id="{html.escape(name)}">Layer {html.escape(name)}</h2>',
              f"<p>{imp.num_filters} filters. Accuracy of the network on the scoring set: "
              f"<b>{100 * imp.base_accuracy:.2f}%</b>. Most important filter: <b>{top}</b> "
-             f"(CAR index {_pts(imp.car[top])} points; needed most by "
+             f"(CAR index {points(imp.car[top])} points; needed most by "
              f"{html.escape(imp.most(top, 1)[0][0])}). Numbers are percentage points of "
              "accuracy lost without the filter (overall for the CAR index, per class "
              "otherwise).</p>",
@@ -159,7 +129,7 @@ def _layer_html(name: str, imp: ClassImportance, figures: dict[str, bytes], stri
               "part of it is padding)</th></tr>"]
     for f in sorted(range(imp.num_filters), key=lambda f: (-imp.car[f], f)):
         colour_cell = f"<td>{colour_values[f]:.2f}</td>" if colour_values is not None else ""
-        parts.append(f"<tr><td><b>{f}</b></td><td>{_pts(imp.car[f])}</td>"
+        parts.append(f"<tr><td><b>{f}</b></td><td>{points(imp.car[f])}</td>"
                      f"<td>{removal.get(f, 'kept')}</td>{colour_cell}"
                      f"<td>{_classes_cell(imp.most(f))}</td><td>{_classes_cell(imp.least(f))}</td>"
                      f"<td>{_img(strips[f], f'patches of filter {f}', 'strip')}</td></tr>")
@@ -175,7 +145,7 @@ th{background:#f0f0f0} img{max-width:100%} img.strip{image-rendering:pixelated}
 p.meta{color:#555}"""
 
 
-def _page(source: str, data: Data, total: int, prune_run, grid_name: str | None,
+def page(source: str, data: Data, total: int, prune_run, grid_name: str | None,
           figures: dict[str, bytes], sections: list[str], layers: Sequence[str]) -> str:
     nav = " · ".join(f'<a href="#{html.escape(n)}">{html.escape(n)}</a>' for n in layers)
     grid = "" if grid_name is None else \
@@ -212,7 +182,7 @@ def _colour(model: nn.Module, images: torch.Tensor, name: str, data: Data, is_fi
                                  FIRST_REMOVED)
 
 
-def _explain_layer(model: nn.Module, scoring: ScoringSet, images: torch.Tensor, name: str,
+def explain_layer(model: nn.Module, scoring: ScoringSet, images: torch.Tensor, name: str,
                    data: Data, run_order: list[int] | None, is_first: bool, engine: str,
                    top_k: int, seed: int, progress: bool):
     """Everything about one layer: (class importance, summary, figures, CSV, HTML section)."""
@@ -242,75 +212,3 @@ def _explain_layer(model: nn.Module, scoring: ScoringSet, images: torch.Tensor, 
     section = _layer_html(name, imp, figures, _strips(patches, images, data), info,
                           None if colour is None else colour["values"])
     return imp, info, figures, imp.to_csv(), section
-
-
-def explain_run(checkpoint_or_model, data: Data, layers: Sequence[str], out: str | os.PathLike,
-                prune_run: str | os.PathLike | None = None, score_samples: int | None = None,
-                engine: str = "fast", top_k: int = 6, seed: int = 0,
-                progress: bool = True) -> dict:
-    """Explain the filters of `layers`: class importance (CSV, JSON, heat map), top patches, the
-    first conv layer's filters, colour and diversity indices, and one self-contained
-    report.html, all in `out`. Every input is checked before anything is written.
-
-    checkpoint_or_model: a checkpoint directory, a shipped name, or an nn.Module.
-    prune_run: a `carprune prune` output directory; its removal order annotates the pictures
-    (otherwise the one-shot CAR ranking stands in, removing half of each layer).
-    score_samples: score on the first N validation images (default: all).
-    """
-    model, source, dataset, orders = _validated(checkpoint_or_model, data, layers, out,
-                                                prune_run, score_samples, engine, top_k)
-    out = Path(out)
-    scoring = ScoringSet.from_any(dataset, data.num_classes)
-    images = torch.cat([x for x, _ in scoring.batches]).contiguous()
-    grid_name = first_conv(model, images.shape[1])
-    figures: dict[str, bytes] = {}
-    texts: dict[str, str] = {}
-    explained, sections = {}, []
-    for name in layers:
-        imp, info, layer_figures, table_csv, section = _explain_layer(
-            model, scoring, images, name, data, orders.get(name), name == grid_name, engine,
-            top_k, seed, progress)
-        explained[name] = (imp, info)
-        figures.update(layer_figures)
-        texts[f"class_importance_{name}.csv"] = table_csv
-        sections.append(section)
-    if grid_name is not None:
-        figures[f"filters_{grid_name}.png"] = filter_grid(
-            model.get_submodule(grid_name).weight, grid_name, orders.get(grid_name))
-    texts["report.html"] = _page(source, data, scoring.total, prune_run, grid_name, figures,
-                                 sections, layers)
-    files = sorted([*figures, *texts, *[f"class_importance_{n}.json" for n in layers],
-                    "explain.json"])
-    summary = {"checkpoint": source, "data": data.name, "classes": list(data.classes),
-               "score_samples": scoring.total, "engine": engine,
-               "prune_run": None if prune_run is None else str(prune_run),
-               "first_conv": grid_name, "files": files,
-               "layers": {n: info for n, (_, info) in explained.items()}}
-    for filename, payload in {**figures, **texts}.items():
-        io.atomic_write(out / filename, payload)
-    for name, (imp, _) in explained.items():
-        io.write_json(out / f"class_importance_{name}.json", imp.to_json())
-    io.write_json(out / "explain.json", summary)
-    _print_summary(explained, out)
-    return summary
-
-
-def _print_summary(layers: dict[str, tuple[ClassImportance, dict]], out: Path) -> None:
-    from ..runs import table
-
-    rows = []
-    for name, (imp, info) in layers.items():
-        top = max(range(imp.num_filters), key=lambda f: (imp.car[f], -f))
-        low = min(range(imp.num_filters), key=lambda f: (imp.car[f], f))
-        div = info["diversity"]
-        colour = info["colour"]
-        rows.append([name, imp.num_filters, f"{100 * imp.base_accuracy:.2f}",
-                     f"{top} ({_pts(imp.car[top])}, {imp.most(top, 1)[0][0]})",
-                     f"{low} ({_pts(imp.car[low])})",
-                     f"{div['original']['mean_cosine_distance']:.3f} -> "
-                     f"{div['CAR-kept']['mean_cosine_distance']:.3f}",
-                     "n/a (grey)" if colour is None else
-                     f"{colour['colour_in_first']}/{colour['first']}"])
-    print(table(rows, ["layer", "filters", "acc %", "most important (pts, class)",
-                       "least important", "diversity -> CAR-kept", "colour in first removed"]))
-    print(f"report: {out / 'report.html'}")

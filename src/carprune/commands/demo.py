@@ -13,9 +13,13 @@ import shutil
 import time
 from pathlib import Path
 
-from . import io
-from .data import fashion_mnist
-from .errors import CarpruneError
+from .. import io
+from ..config import CompareConfig, DemoConfig, PruneConfig
+from ..data import fashion_mnist
+from ..errors import CarpruneError
+from . import compare, prune
+from .common import table
+from .explain import explain_run
 
 SHIPPED = "convnet-fmnist"
 LAYERS = ["conv1", "conv2", "conv3"]
@@ -33,11 +37,8 @@ def _fresh(out: Path) -> None:
         shutil.rmtree(out)
 
 
-def run_demo(out: str | Path = "runs/demo", data_dir: str | None = None) -> dict:
-    from .interpret import explain_run
-    from .runs import compare_run, prune_run, table
-
-    out = Path(out)
+def run(config: DemoConfig) -> dict:
+    out, data_dir = Path(config.out), config.data_dir
     _fresh(out)
     data_flag = f" --data-dir {data_dir}" if data_dir else ""
     commands = {
@@ -56,7 +57,8 @@ def run_demo(out: str | Path = "runs/demo", data_dir: str | None = None) -> dict
     stages["load data"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    pruned = prune_run(SHIPPED, data, LAYERS, 0.5, str(out / "prune"), finetune_epochs=2)
+    pruned = prune.run(PruneConfig(checkpoint=SHIPPED, layers=LAYERS, keep=0.5,
+                                   finetune_epochs=2, out=str(out / "prune")), data)
     stages["exact CAR, every conv layer to half, + 2 epochs fine-tuning"] = \
         time.perf_counter() - start
 
@@ -64,7 +66,8 @@ def run_demo(out: str | Path = "runs/demo", data_dir: str | None = None) -> dict
     # conv1 is pruned first, on the unpruned network and the same val set: its CAR order is
     # exactly the comparison's, so greedy CAR does not run twice
     first = {(LAYERS[0], "car"): pruned["layers"][LAYERS[0]]["removed"]}
-    compared = compare_run(SHIPPED, data, EXPLAINED, CRITERIA, str(out / "compare"), GRID,
+    compared = compare.run(CompareConfig(checkpoint=SHIPPED, layers=EXPLAINED, criteria=CRITERIA,
+                                         keep_grid=GRID, out=str(out / "compare")), data,
                            known=first)
     stages["comparison with l1, taylor, random (conv1, conv2)"] = time.perf_counter() - start
 

@@ -1,0 +1,77 @@
+"""`carprune bench`: the fast engine against the naive one per layer (seconds, speed-up, lower
+bound, identical picks), optionally a whole timed run and the approximate modes; bench.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .. import bench, io
+from ..config import BenchConfig
+from ..data import check_fits, load_data
+from ..errors import CarpruneError
+from ..groups import Surgery
+from ..prune import check_layers
+from ..scoring import ScoringSet
+from .common import first_images, table
+
+
+def run(config: BenchConfig) -> dict:
+    model = io.load(config.checkpoint)
+    data = load_data(config.data, config.data_dir)
+    check_fits(model, data)
+    surgery = Surgery(model, data.val.tensors[0][:1])
+    layers = config.layers or surgery.conv_layers()
+    check_layers(surgery, layers)
+    scoring = ScoringSet.from_any(first_images(data.val, config.score_samples,
+                                               "--score-samples"), data.num_classes)
+    rows, throughput = bench.bench_layers(model, scoring, layers, config.steps)
+    run_seconds = approximate = None
+    if config.whole_run or config.approx:
+        print(f"whole run: every layer to keep {config.keep} with the fast engine ...")
+        exact, candidates = bench.whole_run(model, scoring, layers, config.keep)
+        run_seconds = exact.seconds
+        if config.approx:
+            approximate = bench.approximations(model, scoring, data.test, exact, layers,
+                                               config.keep, config.approx_step,
+                                               config.approx_screen)
+    else:
+        candidates = bench.run_candidates(model, layers, config.keep)
+    overall = bench.overall_speedup(rows, candidates, run_seconds)
+    report = bench.to_json(rows, throughput, run_seconds, overall, scoring.total, config.steps,
+                           approximate)
+    io.write_json(Path(config.out) / "bench.json", report)
+    _print(config, rows, throughput, scoring.total, approximate, run_seconds, candidates,
+           overall, report["identical_picks"])
+    if not report["identical_picks"]:
+        raise CarpruneError("the fast engine chose differently from the naive one; please "
+                            "report this with bench.json")
+    return report
+
+
+def _print(config: BenchConfig, rows, throughput: float, images: int, approximate,
+           run_seconds, candidates: dict, overall: float, identical: bool) -> None:
+    print(table([[r.layer, r.candidates, f"{r.naive_seconds:.2f}", f"{r.fast_seconds:.2f}",
+                  f"{r.speedup:.1f}x", f"{r.bound_seconds:.2f}",
+                  f"{r.fast_seconds / r.bound_seconds:.2f}", "yes" if r.identical else "NO"]
+                 for r in rows],
+                ["layer", "candidates", "naive s", "fast s", "speed-up", "bound s",
+                 "fast/bound", "same picks"]))
+    print(f"scoring set: {images} images; network throughput "
+          f"{throughput / 1e9:.1f} GMAC/s on {torch.get_num_threads()} threads")
+    if approximate:
+        print("approximate modes against the exact whole run:")
+        print(table([[a["mode"], f"{a['seconds']:.1f}", f"{a['speedup']:.1f}x",
+                      f"{a['identical_picks']:.0%}", f"{100 * a['val_diff']:+.2f}",
+                      f"{100 * a['test_diff']:+.2f}"] for a in approximate],
+                    ["mode", "seconds", "faster", "same picks", "val acc diff (points)",
+                     "test acc diff (points)"]))
+    if run_seconds is not None:
+        print(f"whole run (every layer to keep {config.keep}, fast engine): "
+              f"{run_seconds:.1f} s")
+    else:
+        print(f"overall: a keep-{config.keep} run's {sum(candidates.values())} candidates at "
+              "the per-candidate times above (--whole-run measures the fast side end to end)")
+    print(f"overall speed-up: {overall:.1f}x (identical picks: {'yes' if identical else 'NO'})")
+    print(f"written to {Path(config.out) / 'bench.json'}")

@@ -1,0 +1,221 @@
+"""`carprune prune`: check everything, prune (per layer or global CAR, or another criterion),
+fine-tune, write the run directory; resumable after a kill (see resume.py)."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from torch import nn
+
+from .. import dist, io
+from ..config import PruneConfig
+from ..data import check_fits, load_data
+from ..errors import CarpruneError
+from ..groups import Surgery
+from ..measure import speed_report
+from ..prune import car_prune, check_layers, criterion_prune, global_car_prune, resolve_keep
+from ..resume import RunState
+from ..train import evaluate, fit
+from .common import command_line, first_images, model_labels, relabelled, table
+
+NOT_IDENTITY = ("out", "restart", "memory_budget")  # options that cannot change the result
+
+
+def run(config: PruneConfig, data=None, model: nn.Module | None = None) -> dict:
+    """The whole command; `data` (a carprune Data) and `model` replace --data and the
+    checkpoint when given from Python. Returns result.json's content."""
+    data = data if data is not None else load_data(config.data, config.data_dir)
+    model, source = _model(config, data, model)
+    check_fits(model, data)
+    _check_layers(config, model, data)
+    data, scoring, train = _inputs(config, data, model)
+    state = RunState.open(config.out, _identity(config, model, data, scoring, train, source),
+                          config.restart)
+    before = _measure(model, data)
+    result, global_steps = _prune(config, model, scoring, data.num_classes, state)
+    pruned = result.model
+    after = _measure(pruned, data, original=model)
+    start = time.perf_counter()
+    fit(pruned, train, config.finetune_epochs, lr=config.finetune_lr, seed=config.seed,
+        desc="fine-tune", resume=state.training(pruned),
+        on_epoch=lambda ts: state.save_training(pruned, ts))
+    finetune_seconds = time.perf_counter() - start
+    finetuned = _measure(pruned, data, original=model, speed=True)
+    summary = _summary(config, source, result, global_steps, before, after, finetuned,
+                       finetune_seconds, len(scoring))
+    state.finish()
+    if dist.is_main():
+        _write(pruned, result, global_steps, summary)
+        _print(result, summary)
+    return summary
+
+
+def _model(config: PruneConfig, data, model: nn.Module | None) -> tuple[nn.Module, str]:
+    if model is not None:
+        return model, "a model given in Python"
+    if config.model:
+        return io.from_factory(config.model, config.weights, data, config.trust_pickle), \
+            config.model
+    return io.load(config.checkpoint), str(config.checkpoint)
+
+
+def _check_layers(config: PruneConfig, model: nn.Module, data) -> None:
+    """The layers exist and are prunable, and a per-layer --keep leaves each of them some."""
+    surgery = Surgery(copy.deepcopy(model), data.val.tensors[0][:1])
+    if config.layers:
+        check_layers(surgery, config.layers)
+    if config.budget[1] is None:
+        for name in config.layers:
+            resolve_keep(config.keep, surgery.size(name), name)
+
+
+def _inputs(config: PruneConfig, data, model: nn.Module):
+    """(data, scoring set, training set), relabelled by the model under --labels model."""
+    if data.meta.get("unlabelled"):
+        if config.labels != "model":
+            raise CarpruneError("the image folder has no class folders, so its images have no "
+                                "labels; add --labels model to score (and fine-tune) against "
+                                "the unpruned network's own predictions")
+        data = relabelled(data, model)
+    scoring = first_images(data.val, config.score_samples, "--score-samples")
+    if config.labels == "model":
+        scoring = model_labels(model, scoring)
+    return data, scoring, first_images(data.train, config.train_samples, "--train-samples")
+
+
+def _identity(config: PruneConfig, model: nn.Module, data, scoring, train, source) -> dict:
+    """What a resumed run must share with the interrupted one: the options that decide the
+    result, and the weights and images they were applied to."""
+    options = {k: v for k, v in config.to_json().items() if k not in NOT_IDENTITY}
+    return {**options, "source": source,
+            "weights": model.carprune_spec.get("weights_sha256"), "data": data.name,
+            "val_images": len(data.val), "score_images": len(scoring),
+            "train_images": len(train)}
+
+
+def _measure(model: nn.Module, data, original: nn.Module | None = None,
+             speed: bool = False) -> dict:
+    """Test and val accuracy; agreement with `original` on val; params, MACs and latency for
+    the unpruned network and after fine-tuning."""
+    figures = {"test": evaluate(model, data.test, data.num_classes).accuracy,
+               "val": evaluate(model, data.val, data.num_classes).accuracy}
+    if original is not None:
+        figures["agreement"] = evaluate(model, model_labels(original, data.val)).accuracy
+    if original is None or speed:
+        figures["speed"] = speed_report(model, data.input_shape)
+    return figures
+
+
+def _prune(config: PruneConfig, model: nn.Module, scoring, num_classes: int,
+           state: RunState):
+    """The pruning itself: global CAR under a budget, per-layer CAR, or another criterion."""
+    budget, target = config.budget
+    memory = int(config.memory_budget * 2**30)
+    if target is not None:
+        return global_car_prune(
+            model, scoring, target, layers=config.layers, budget=budget, cost=config.cost,
+            min_keep=config.min_keep, step=config.step, screen=config.screen,
+            round_to=config.round_to, compensate=config.compensate,
+            ignore=config.ignore or (), engine=config.engine, memory_budget=memory,
+            num_classes=num_classes)
+    if config.criterion == "car":
+        return car_prune(model, scoring, config.layers, keep=config.keep, step=config.step,
+                         screen=config.screen, compensate=config.compensate,
+                         engine=config.engine, memory_budget=memory, num_classes=num_classes,
+                         done=state.layers(), val_before=state.saved.get("val_before"),
+                         on_step=state.save_layers), None
+    return criterion_prune(model, scoring, config.layers, config.criterion, keep=config.keep,
+                           seed=config.seed, num_classes=num_classes), None
+
+
+def _summary(config: PruneConfig, source: str, result, global_steps, before: dict,
+             after: dict, finetuned: dict, finetune_seconds: float, score_images: int) -> dict:
+    """result.json: the command and its config, sizes, speeds and accuracies, every step."""
+    b, a = before["speed"], finetuned["speed"]
+    summary = {
+        "command": command_line(), "config": config.to_json(), "checkpoint": source,
+        "criterion": config.criterion, "engine": result.engine, "step": config.step,
+        "screen": config.screen, "keep": config.keep, "compensate": config.compensate,
+        "score_samples": score_images,
+        "seconds": {"prune": result.seconds, "finetune": finetune_seconds},
+        "model": {"params_before": b["params"], "params_after": a["params"],
+                  "macs_before": b["macs"], "macs_after": a["macs"],
+                  "latency_ms_before": {"batch1": b["latency_ms_batch1"],
+                                        "batch64": b["latency_ms_batch64"]},
+                  "latency_ms_after": {"batch1": a["latency_ms_batch1"],
+                                       "batch64": a["latency_ms_batch64"]},
+                  "threads": a["threads"]},
+        "accuracy": {"test_before": before["test"], "test_pruned": after["test"],
+                     "test_finetuned": finetuned["test"], "val_before": before["val"],
+                     "val_pruned": after["val"],
+                     "val_agreement_pruned": after["agreement"],
+                     "val_agreement_finetuned": finetuned["agreement"]},
+        "layers": result.to_json(),
+    }
+    if global_steps is not None:
+        budget, target = config.budget
+        summary["global"] = {"target": target, "budget": budget, "cost": config.cost or budget,
+                             "min_keep": config.min_keep, "round_to": config.round_to,
+                             "steps": [asdict(st) for st in global_steps]}
+    return summary
+
+
+def _write(pruned: nn.Module, result, global_steps, summary: dict) -> None:
+    out = Path(summary["config"]["out"])
+    io.save(pruned, out, extra={"pruned_by": summary["command"]})
+    if global_steps is not None:
+        io.atomic_write(out / "filters_kept.png", filters_kept_png(result, global_steps))
+    io.write_json(out / "result.json", summary)
+
+
+def _print(result, summary: dict) -> None:
+    m, acc = summary["model"], summary["accuracy"]
+    rows = [[name, f"{rec.filters_before} -> {rec.filters_after}",
+             " ".join(map(str, rec.removed[:10])) + (" ..." if len(rec.removed) > 10 else "")]
+            for name, rec in result.layers.items()]
+    print(table(rows, ["layer", "filters", "removed first (original index)"]))
+    lb, la = m["latency_ms_before"], m["latency_ms_after"]
+    print(table([["params", m["params_before"], m["params_after"]],
+                 ["MACs", m["macs_before"], m["macs_after"]],
+                 ["latency ms (batch 1 / 64)", f"{lb['batch1']:.2f} / {lb['batch64']:.1f}",
+                  f"{la['batch1']:.2f} / {la['batch64']:.1f}"],
+                 ["test accuracy", f"{acc['test_before']:.4f}",
+                  f"{acc['test_pruned']:.4f} pruned / {acc['test_finetuned']:.4f} fine-tuned"],
+                 ["val agreement with the original", "1.0000",
+                  f"{acc['val_agreement_pruned']:.4f} pruned / "
+                  f"{acc['val_agreement_finetuned']:.4f} fine-tuned"]],
+                ["", "before", "after"]))
+    print(f"CAR took {result.seconds:.1f} s ({result.engine} engine), fine-tuning "
+          f"{summary['seconds']['finetune']:.1f} s; written to {summary['config']['out']}")
+
+
+def filters_kept_png(result, steps) -> bytes:
+    """Global CAR's order across layers: each layer's share of filters kept against the
+    budget left, one line per layer."""
+    from matplotlib.figure import Figure
+
+    from ..interpret.pictures import png
+
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    for name, rec in result.layers.items():
+        kept, xs, ys = rec.filters_before, [100.0], [100.0]
+        for st in steps:
+            if st.layer == name:
+                kept -= len(st.removed)
+                xs.append(100 * st.remaining)
+                ys.append(100 * kept / rec.filters_before)
+        xs.append(100 * steps[-1].remaining if steps else 100.0)
+        ys.append(ys[-1])
+        ax.step(xs, ys, where="post", label=f"{name} ({rec.filters_before} -> "
+                f"{rec.filters_after})")
+    ax.invert_xaxis()
+    ax.set_xlabel("budget left (% of the original)")
+    ax.set_ylabel("filters kept (% of the layer)")
+    ax.set_title("global CAR: which layers give up filters as the budget shrinks")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return png(fig, dpi=110)

@@ -15,8 +15,8 @@ import argparse
 
 import carprune as cp
 from carprune import io
-from carprune.commands.common import first_images
 from carprune.config import layer_value
+from carprune.data import first_images
 from carprune.prune import car_prune, criterion_prune
 
 

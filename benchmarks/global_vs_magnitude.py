@@ -25,7 +25,7 @@ from torch import nn
 
 import carprune as cp
 from carprune import io
-from carprune.commands.common import first_images
+from carprune.data import first_images
 from carprune.measure import macs_params, speed_report
 
 

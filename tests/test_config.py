@@ -5,6 +5,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 from carprune import CarpruneError, PruneConfig
 from carprune.cli import build_parser, main
@@ -56,6 +57,14 @@ def test_python_and_cli_get_the_same_sentence(kwargs, argv, words, tmp_path, cap
     assert not (tmp_path / "run").exists()
 
 
+def test_choices_are_checked_in_python_too():
+    with pytest.raises(CarpruneError, match="--labels takes data, model, got 'foo'"):
+        PruneConfig(out="x", layers=["conv1"], labels="foo")
+    with pytest.raises(CarpruneError, match="--criterion takes car, l1"):
+        PruneConfig(out="x", layers=["conv1"], criterion="car-oneshot")
+    PruneConfig(out="x", layers=["conv1"])  # a model given in Python needs no checkpoint
+
+
 def test_a_good_config_keeps_what_it_was_given():
     config = PruneConfig(checkpoint="convnet-fmnist", out="x", target_params=0.4, round_to=8)
     assert config.budget == ("params", 0.4)
@@ -94,10 +103,24 @@ def test_other_commands_check_in_python_too():
         CompareConfig(checkpoint="c", layers=["conv1"], out="x", criteria=["car", "l3"])
     with pytest.raises(CarpruneError, match=r"--keep-grid takes fractions in \(0, 1\]"):
         CompareConfig(checkpoint="c", layers=["conv1"], out="x", keep_grid=[1.5])
-    with pytest.raises(CarpruneError, match="--top-k must be 1 or more"):
-        ExplainConfig(checkpoint="c", layers=["conv1"], out="x", top_k=0)
+    with pytest.raises(CarpruneError, match="--workers must be 0 or more"):
+        ExplainConfig(checkpoint="c", layers=["conv1"], out="x", workers=-1)
     with pytest.raises(CarpruneError, match="--out is required"):
         TrainConfig()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_is_one_sentence(tmp_path, capsys):
+    with pytest.raises(CarpruneError, match="--device cuda: no CUDA GPU is visible here"):
+        ExplainConfig(checkpoint="c", layers=["conv1"], out="x", device="cuda")
+    for device in ("cuda", "cuda:1", "tpu", "gpu0"):
+        with pytest.raises(SystemExit) as cli:
+            main(["prune", "convnet-fmnist", "--layers", "conv1", "--device", device,
+                  "--out", str(tmp_path / "run")])
+        assert cli.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"--device {device}" in err[0], err
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_run_started_before_the_configuration_object_is_refused_with_restart(tmp_path,

@@ -73,12 +73,12 @@ def test_image_folder(tmp_path):
         (tmp_path / cls).mkdir()
         for i in range(10):
             Image.new("RGB", (20, 20), colour).save(tmp_path / cls / f"{i}.png")
-    data = cp.data.image_folder(tmp_path, size=16)
+    data = cp.data.image_folder(tmp_path, cp.data.preprocess_for(None, 16), workers=0)
     assert data.classes == ["blue", "red"]
     assert data.input_shape == (3, 16, 16)
     assert len(data.train) + len(data.val) + len(data.test) == 20
-    x, y = data.train.tensors
-    red = x[y == 1][0]
+    red = next(x for x, y in (data.val[i] for i in range(len(data.val))) if y == 1)
+    assert red.shape == (3, 16, 16)
     assert red[0].mean() > red[2].mean()  # the red channel is the bright one
 
 

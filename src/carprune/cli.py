@@ -2,8 +2,8 @@
 
 The parser is generated with argparse (standard library) from the config dataclasses rather
 than by a third-party CLI package: argparse already gives `--layers conv1 conv2` (nargs) and
-exit status 2 with one line for usage errors, which is our contract, and every option's
-default, help and check stay in the one dataclass field that declares it.
+exit status 2 with a usage line and one sentence for usage errors, our contract, and every
+option's default, help and check stay in the one dataclass field that declares it.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 from . import dist
 from .commands import COMMANDS, run_command
 from .config import flag
+from .devices import resolve_device
 from .errors import CarpruneError
 
 
@@ -67,21 +68,24 @@ def to_config(args: argparse.Namespace):
     """The command's config from the parsed arguments (which checks them)."""
     config = COMMANDS[args.command][0]
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config)}
-    for f in dataclasses.fields(config):  # argparse leaves list defaults shared: copy them
+    for f in dataclasses.fields(config):  # a fresh list for every default list
         if values[f.name] is None and f.default_factory is not dataclasses.MISSING:
             values[f.name] = f.default_factory()
     return config(**values)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be 1 or more, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
     warnings.formatwarning = lambda message, *rest, **kw: f"carprune: warning: {message}\n"
     try:
         config = to_config(args)
-        dist.init_from_env()
+        dist.init_from_env(resolve_device(config.device))
         run_command(args.command, config)
     except CarpruneError as exc:
         print(f"carprune: error: {exc}", file=sys.stderr)

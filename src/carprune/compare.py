@@ -19,6 +19,7 @@ from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
 from . import criteria
+from .devices import device_of
 from .groups import Surgery, Unit
 from .io import atomic_write
 from .prune import car_prune
@@ -53,14 +54,14 @@ def removal_order(model: nn.Module, scoring: ScoringSet, layer: str, criterion: 
 
 def accuracy_without(model: nn.Module, layer: str, removed: list[int],
                      datasets: list[TensorDataset]) -> list[float]:
-    surgery = Surgery(copy.deepcopy(model), datasets[0].tensors[0][:1])
+    surgery = Surgery(copy.deepcopy(model), datasets[0].tensors[0][:1].to(device_of(model)))
     with surgery.ablated([Unit(layer, c) for c in removed]):
         return [evaluate(surgery.model, d).accuracy for d in datasets]
 
 
 def retrained_accuracy(model: nn.Module, layer: str, removed: list[int], train: TensorDataset,
                        test: TensorDataset, epochs: int, seed: int) -> float:
-    surgery = Surgery(copy.deepcopy(model), test.tensors[0][:1])
+    surgery = Surgery(copy.deepcopy(model), test.tensors[0][:1].to(device_of(model)))
     surgery.remove(layer, removed)
     fit(surgery.model, train, epochs, lr=0.01, seed=seed, progress=False)
     return evaluate(surgery.model, test).accuracy
@@ -76,7 +77,7 @@ def compare(model: nn.Module, data, layers: list[str], criteria_names: list[str]
     already computed on the same scoring set, by (layer, criterion), e.g. a prune run's first
     layer, so greedy CAR is not run twice."""
     scoring = ScoringSet.from_any(scoring if scoring is not None else data.val,
-                                  data.num_classes)
+                                  data.num_classes).to(device_of(model))
     sizes = {name: m.out_channels for name, m in model.named_modules() if name in layers}
     points = []
     jobs = [(layer, c) for layer in layers for c in criteria_names]

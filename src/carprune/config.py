@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .criteria import CRITERIA
+from .devices import resolve_device
 from .errors import CarpruneError
 from .prune import check_approximation, check_global, check_keep
 from .scoring import DEFAULT_MEMORY_BUDGET
@@ -38,7 +39,7 @@ def flag(name: str) -> str:
 # -- value checks: (value, flag) -> raise CarpruneError with the fix -------------------------
 
 def positive(value, name: str) -> None:
-    if value is not None and value <= 0:
+    if value is not None and not value > 0:  # NaN too
         raise CarpruneError(f"{name} must be positive, got {value}")
 
 
@@ -101,6 +102,10 @@ class Config:
                                   cli.get("positional") and "nargs" not in cli):
                 name = f.name if cli.get("positional") else flag(f.name)
                 raise CarpruneError(f"{name} is required: {f.metadata['help']}")
+            choices = cli.get("choices")
+            if choices is not None and value is not None and value not in choices:
+                raise CarpruneError(f"{flag(f.name)} takes {', '.join(map(str, choices))}, got "
+                                    f"{value!r}")
             check = f.metadata.get("check")
             if check is not None:
                 check(getattr(self, f.name), flag(f.name))
@@ -116,19 +121,35 @@ class Config:
 CHECKPOINT_HELP = "checkpoint directory or shipped name (convnet-fmnist)"
 
 
+def device_name(value: str, name: str) -> None:
+    resolve_device(value)
+
+
 @dataclass
-class DataOptions(Config):
+class DeviceOptions(Config):
+    device: str = option("auto", "where the work runs: auto (a GPU if CUDA sees one), cpu, "
+                         "cuda or cuda:N", device_name)
+
+
+@dataclass
+class DataOptions(DeviceOptions):
     data: str = option("fashion-mnist", "fashion-mnist, fashion-mnist-colour (randomly tinted), "
-                       "mnist (with --data-dir) or an image-folder path")
+                       "mnist (with --data-dir), an image folder, or package.module:function "
+                       "returning (train, val, test) Datasets")
     data_dir: str | None = option(None, "folder with the IDX files (default: Debian's path or "
                                   "$CARPRUNE_DATA)")
+    image_size: int | None = option(None, "side of the images the network sees, for image "
+                                    "folders and data factories (default: the model's own, "
+                                    "else 224)", at_least(8))
+    workers: int | None = option(None, "DataLoader processes reading image files (default: the "
+                                 "cores but one, at most 8)", at_least(0))
 
 
 @dataclass
 class TrainConfig(DataOptions):
     out: str = option(None, "checkpoint directory to write", required=True)
     model: str = option("convnet", "a zoo model (see carprune.models.list_models())")
-    epochs: int = option(12, "training epochs", at_least(1))
+    epochs: int = option(12, "training epochs", at_least(0))
     lr: float = option(0.05, "learning rate", positive)
     batch_size: int = option(128, "images per batch", at_least(1))
     seed: int = option(0, "seed for the data order and the initial weights")
@@ -156,7 +177,7 @@ class PruneConfig(DataOptions):
     layers: list[str] | None = option(None, "conv layers, pruned in order (with a target: the "
                                       "layers of the global run; default all)")
     keep: float = option(0.5, "per layer: a fraction in (0, 1) or a count of filters (default "
-                         "0.5)", keep_value, type=number)
+                         "0.5)", type=number)
     target_macs: float | None = option(None, "global CAR until this fraction of the original "
                                        "MACs is left", fraction)
     target_params: float | None = option(None, "global CAR until this fraction of the original "
@@ -183,8 +204,9 @@ class PruneConfig(DataOptions):
     score_samples: int | None = option(None, "score on the first N val images only (default: "
                                        "all)", positive)
     engine: str = option("fast", "the scoring engine", choices=["fast", "naive"])
-    memory_budget: float = option(DEFAULT_MEMORY_BUDGET / 2**30, "GiB the fast engine may use "
-                                  "for candidate batches (default 2)", positive)
+    memory_budget: float = option(DEFAULT_MEMORY_BUDGET / 2**30, "GiB the scoring set and the "
+                                  "fast engine's candidate batches may use, of GPU memory on a "
+                                  "GPU (default 2)", positive)
     finetune_epochs: int = option(2, "epochs of fine-tuning after pruning", at_least(0))
     finetune_lr: float = option(0.01, "fine-tuning learning rate", positive)
     train_samples: int | None = option(None, "fine-tune on the first N training images only "
@@ -207,11 +229,9 @@ class PruneConfig(DataOptions):
         if sum(t is not None for t in targets) > 1:
             raise CarpruneError("give one budget: --target-macs, --target-params or "
                                 "--target-latency-ms, not several")
-        if self.checkpoint is None and self.model is None:
-            raise CarpruneError("give a checkpoint directory, or --model package.module:factory "
-                                "(with --weights FILE)")
         check_approximation(self.step, self.screen)
         if self.budget[1] is None:
+            check_keep(self.keep)
             if not self.layers:
                 raise CarpruneError("name the layers to prune with --layers, or give "
                                     "--target-macs, --target-params or --target-latency-ms for "
@@ -269,6 +289,8 @@ class BenchConfig(DataOptions):
                           "with the whole run (implies --whole-run)")
     approx_step: int = option(4, "K for --step K (default 4)", at_least(1))
     approx_screen: int = option(8, "M for --screen M (default 8)", at_least(1))
+    memory_budget: float = option(DEFAULT_MEMORY_BUDGET / 2**30, "GiB the scoring set may use "
+                                  "(default 2)", positive)
 
 
 @dataclass
@@ -281,7 +303,7 @@ class ExplainConfig(DataOptions):
     score_samples: int | None = option(None, "score on the first N val images only (default: "
                                        "all)", positive)
     engine: str = option("fast", "the scoring engine", choices=["fast", "naive"])
-    top_k: int = option(6, "patches shown per filter (default 6)", at_least(1))
+    top_k: int = option(6, "patches shown per filter (default 6)")
 
 
 @dataclass
@@ -307,6 +329,6 @@ class CompressConfig(DataOptions):
 
 
 @dataclass
-class DemoConfig(Config):
+class DemoConfig(DeviceOptions):
     out: str = option("runs/demo", "output directory (a previous demo's is replaced)")
     data_dir: str | None = option(None, "folder with Fashion-MNIST's IDX files")

@@ -4,7 +4,8 @@ Scoring is a sum over images, so each rank scores its share of the scoring set a
 (per-candidate correct counts, per-class counts and summed losses) are all-reduced. Every rank
 then takes the same decision from the same reduced numbers (no broadcast needed: integers are
 exact, and all-reduce hands every rank the same float sums). Rank 0 alone shows progress and
-writes files. Backend: nccl when CUDA is there, gloo on CPU. Launch with torchrun.
+writes files. Backend: nccl on GPUs (each process on cuda:LOCAL_RANK), gloo on the CPU.
+Launch with torchrun.
 """
 
 from __future__ import annotations
@@ -27,13 +28,16 @@ if TYPE_CHECKING:  # the scoring layer sits above this one: names for annotation
 TIMEOUT_ENV = "CARPRUNE_DIST_TIMEOUT"
 
 
-def init_from_env() -> None:
-    """Join the process group torchrun describes in the environment (no-op when alone)."""
+def init_from_env(device: torch.device | None = None) -> None:
+    """Join the process group torchrun describes in the environment (no-op when alone): nccl
+    with this process on `device` (cuda:LOCAL_RANK) when it is a GPU, else gloo."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    cuda = device is not None and device.type == "cuda"
+    if cuda:
+        torch.cuda.set_device(device)
     timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "600")))
-    dist.init_process_group(backend, timeout=timeout)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
 
 
 def active() -> bool:
@@ -80,9 +84,14 @@ def all_reduce_tensor(tensor: torch.Tensor) -> None:
 
 
 def all_reduce(scores: Scores) -> Scores:
+    """Sum the tallies (kept on the CPU) over all processes, through the backend's device."""
+    device = torch.device("cuda", torch.cuda.current_device()) \
+        if dist.get_backend() == "nccl" else torch.device("cpu")
     total = torch.tensor([scores.total], dtype=torch.int64)
-    for tensor in (scores.correct, scores.class_correct, scores.loss, total):
+    parts = [t.to(device) for t in (scores.correct, scores.class_correct, scores.loss, total)]
+    for tensor in parts:
         all_reduce_tensor(tensor)
+    scores.correct, scores.class_correct, scores.loss, total = (t.cpu() for t in parts)
     scores.total = int(total)
     return scores
 

@@ -39,10 +39,21 @@ def is_depthwise(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and m.groups == m.in_channels == m.out_channels > 1
 
 
+def dependency_graph(model: nn.Module, example_inputs: torch.Tensor) -> tp.DependencyGraph:
+    """Torch-Pruning's graph of which channels must go together, or one sentence why not."""
+    try:
+        return tp.DependencyGraph().build_dependency(model, example_inputs, verbose=False)
+    except Exception as exc:  # noqa: BLE001 - Torch-Pruning raises many kinds on odd graphs
+        raise CarpruneError(f"Torch-Pruning cannot build the dependency graph of this network "
+                            f"({type(exc).__name__}: {str(exc)[:200]}); it cannot be pruned "
+                            "here, see docs/models-and-data.md for the networks that work") \
+            from None
+
+
 def replay_history(model: nn.Module, input_shape: Sequence[int], history: list) -> None:
     """Re-apply Torch-Pruning's recorded removals to a fresh instance of the architecture."""
     model.eval()
-    dg = tp.DependencyGraph().build_dependency(model, torch.zeros(1, *input_shape), verbose=False)
+    dg = dependency_graph(model, torch.zeros(1, *input_shape))
     try:
         dg.load_pruning_history([[name, bool(out), [int(i) for i in idx]]
                                  for name, out, idx in history])
@@ -62,8 +73,7 @@ class Surgery:
                  prior_history: list | None = None, dg: tp.DependencyGraph | None = None):
         self.model = model.eval().to(memory_format=torch.channels_last)  # ~2x faster on CPU
         self.example_inputs = example_inputs
-        self.dg = dg or tp.DependencyGraph().build_dependency(model, example_inputs,
-                                                              verbose=False)
+        self.dg = dg or dependency_graph(model, example_inputs)
         self.prior_history = list(prior_history or [])
         self.modules = dict(model.named_modules())
         self.names = {m: n for n, m in self.modules.items()}

@@ -13,6 +13,7 @@ import json
 import os
 import struct
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -189,18 +190,27 @@ def read_weights(path: str | os.PathLike, trust_pickle: bool = False) -> dict[st
     return state
 
 
-def from_factory(name: str, weights: str | os.PathLike | None, data,
+def from_factory(name: str, weights: str | os.PathLike | None,
                  trust_pickle: bool = False) -> nn.Module:
-    """A model from a zoo name or `package.module:function` factory, with optional weights, and
-    the spec that lets `save` and `load` rebuild it (for the data's input shape)."""
+    """A model from a zoo name, `timm:NAME` or `package.module:function` factory, with optional
+    weights; `attach_data` completes the spec that lets `save` and `load` rebuild it."""
     model = create_model(name)
     if weights is not None:
         state = read_weights(weights, trust_pickle)
         check_state_fits(model, state, weights)
         model.load_state_dict(state, strict=True)
-    model.carprune_spec = {"arch": {"name": name, "kwargs": {}},
-                           "input_shape": list(data.input_shape), "data": data.describe()}
+    else:
+        warnings.warn(f"{name} has random weights (no --weights): fine for timing and trying "
+                      "the tool, meaningless for accuracy", stacklevel=2)
+    model.carprune_spec = {"arch": {"name": name, "kwargs": {}}}
     return model.eval()
+
+
+def attach_data(model: nn.Module, data) -> None:
+    """Record the input a factory model gets: image shape, data set, preprocessing."""
+    model.carprune_spec.update(input_shape=list(data.input_shape), data=data.describe())
+    if data.preprocess:
+        model.carprune_spec["preprocess"] = data.preprocess
 
 
 def _architecture_sha(spec: dict) -> str:

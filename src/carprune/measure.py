@@ -11,13 +11,15 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from .devices import device_of
 from .errors import CarpruneError
 from .groups import _NORMS, Surgery, is_depthwise
 
 
 def macs_params(model: nn.Module, input_shape: Sequence[int]) -> tuple[int, int]:
     """Multiply-accumulates for one image, and parameter count."""
-    macs, params = tp.utils.count_ops_and_params(model, torch.zeros(1, *input_shape))
+    example = torch.zeros(1, *input_shape, device=device_of(model))
+    macs, params = tp.utils.count_ops_and_params(model, example)
     return int(macs), int(params)
 
 
@@ -90,18 +92,31 @@ def latency_costs(surgery: Surgery, layers: Sequence[str], repeats: int = 50) ->
 @torch.inference_mode()
 def latency_ms(model: nn.Module, input_shape: Sequence[int], batch_size: int = 1,
                repeats: int = 50, warmup: int = 5) -> float:
-    """Median wall time of one forward pass (ms) on this machine's CPU threads, in eval mode
-    and channels_last (the fast layout on CPU), measured on a copy."""
+    """Median time of one forward pass (ms) on the model's device, in eval mode and
+    channels_last (the fast layout on CPU), measured on a copy: wall time on this machine's CPU
+    threads, CUDA events on a GPU."""
     model = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
-    x = torch.randn(batch_size, *input_shape).contiguous(memory_format=torch.channels_last)
+    device = device_of(model)
+    x = torch.randn(batch_size, *input_shape, device=device)
+    x = x.contiguous(memory_format=torch.channels_last)
     for _ in range(warmup):
         model(x)
-    times = []
-    for _ in range(repeats):
+    times = [_timed(model, x, device) for _ in range(repeats)]
+    return 1000 * statistics.median(times)
+
+
+def _timed(model: nn.Module, x: torch.Tensor, device: torch.device) -> float:
+    """Seconds of one forward pass."""
+    if device.type != "cuda":
         start = time.perf_counter()
         model(x)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+        return time.perf_counter() - start
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    model(x)
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end) / 1000
 
 
 def speed_report(model: nn.Module, input_shape: Sequence[int]) -> dict:
@@ -109,4 +124,4 @@ def speed_report(model: nn.Module, input_shape: Sequence[int]) -> dict:
     return {"macs": macs, "params": params,
             "latency_ms_batch1": latency_ms(model, input_shape, 1),
             "latency_ms_batch64": latency_ms(model, input_shape, 64, repeats=20),
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "device": str(device_of(model))}

@@ -504,6 +504,7 @@ class _Ranking:
         self.floors, self.round_to = floors, round_to
         # (layer, original index) -> (images lost, loss gained) at the unit's last exact scoring
         self.last: dict[tuple[str, int], tuple[int, float]] = {}
+        self.images = 0  # scored images, over all processes
 
     def open_layers(self) -> list[str]:
         """The layers above their floor: those a round may still prune."""
@@ -513,6 +514,7 @@ class _Ranking:
         """Keep what each scored unit's absence loses: images, and loss in millionths of the
         largest loss, so that engines that sum in a different order still rank alike."""
         quantum = (float(scores.loss.abs().max()) or 1.0) * 1e-6
+        self.images = base.total
         for i, u in enumerate(units):
             self.last[u.layer, self.surgery.alive[u.layer][u.channel]] = (
                 int(base.correct[0]) - int(scores.correct[i]),
@@ -580,7 +582,7 @@ def _take(run: _Run, meter: _Budget, ranking: _Ranking, records: dict[str, Layer
           bar: tqdm, name: str, chosen: list[tuple[int, float]]) -> GlobalStep:
     """Remove a round's picks from one layer; its step records what is left of the budget."""
     channels = [c for c, _ in chosen]
-    car = ranking.lost(name, channels) / run.scoring.total
+    car = ranking.lost(name, channels) / ranking.images
     removed = run.remove(name, channels)
     records[name].removed += removed
     records[name].filters_after = run.surgery.size(name)

@@ -91,10 +91,11 @@ class RunState:
     def save_training(self, model: nn.Module, state: TrainState) -> None:
         if not dist.is_main():
             return
-        tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+        tensors = {f"model.{k}": v.detach().contiguous().cpu()
+                   for k, v in model.state_dict().items()}
         for idx, buffers in state.optimizer["state"].items():
             for key, value in buffers.items():
-                tensors[f"optimizer.{idx}.{key}"] = value.detach().contiguous()
+                tensors[f"optimizer.{idx}.{key}"] = value.detach().contiguous().cpu()
         tensors["generator"] = state.generator
         tensors["torch_rng"] = state.torch_rng
         name = f"training-{state.epoch}.safetensors"

@@ -12,10 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 from tqdm.auto import tqdm
 
 from . import dist
+from .devices import device_of
 from .errors import CarpruneError
 
 
@@ -44,27 +45,36 @@ class Evaluation:
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, dataset: TensorDataset, num_classes: int | None = None,
-             batch_size: int = 256) -> Evaluation:
-    """Accuracy, mean cross-entropy and per-class accuracy of `model` on a labelled data set."""
-    x_all, y_all = dataset.tensors
-    if len(y_all) == 0:
+def evaluate(model: nn.Module, dataset: Dataset, num_classes: int | None = None,
+             batch_size: int = 256, workers: int = 0) -> Evaluation:
+    """Accuracy, mean cross-entropy and per-class accuracy of `model` on a labelled data set,
+    on the model's device; images on disk stream through `workers` DataLoader processes."""
+    if len(dataset) == 0:
         raise CarpruneError("the evaluation set is empty; give a data set with images")
     model.eval()
-    correct, loss = 0, 0.0
-    preds = []
-    for i in range(0, len(y_all), batch_size):
-        logits = model(x_all[i:i + batch_size].contiguous(memory_format=torch.channels_last))
-        y = y_all[i:i + batch_size]
-        loss += float(F.cross_entropy(logits.float(), y, reduction="sum"))
-        preds.append(logits.argmax(1))
-    pred = torch.cat(preds)
+    device = device_of(model)
+    loss, preds, labels = 0.0, [], []
+    for x, y in _batches(dataset, batch_size, workers):
+        logits = model(x.to(device).contiguous(memory_format=torch.channels_last))
+        loss += float(F.cross_entropy(logits.float(), y.to(device), reduction="sum"))
+        preds.append(logits.argmax(1).cpu())
+        labels.append(y)
+    pred, y_all = torch.cat(preds), torch.cat(labels)
     correct = int((pred == y_all).sum())
     k = num_classes or int(y_all.max()) + 1
     hits = torch.bincount(y_all[pred == y_all], minlength=k).double()
     counts = torch.bincount(y_all, minlength=k).double().clamp(min=1)
     return Evaluation(correct / len(y_all), loss / len(y_all), (hits / counts).tolist(),
                       correct, len(y_all))
+
+
+def _batches(dataset: Dataset, batch_size: int, workers: int):
+    """In-memory tensors sliced in order; anything else through a DataLoader."""
+    if isinstance(dataset, TensorDataset):
+        x_all, y_all = dataset.tensors
+        return ((x_all[i:i + batch_size], y_all[i:i + batch_size])
+                for i in range(0, len(y_all), batch_size))
+    return DataLoader(dataset, batch_size=batch_size, num_workers=workers)
 
 
 @dataclass
@@ -78,13 +88,17 @@ class TrainState:
     log: list[dict]
 
 
-def fit(model: nn.Module, train: TensorDataset, epochs: int, lr: float = 0.05,
+def fit(model: nn.Module, train: Dataset, epochs: int, lr: float = 0.05,
         batch_size: int = 128, weight_decay: float = 5e-4, seed: int = 0,
-        val: TensorDataset | None = None, progress: bool = True, desc: str = "train",
+        val: Dataset | None = None, progress: bool = True, desc: str = "train",
         resume: TrainState | None = None,
-        on_epoch: Callable[[TrainState], None] | None = None) -> list[dict]:
-    """Train in place with SGD + Nesterov momentum under a one-cycle schedule; returns a log.
+        on_epoch: Callable[[TrainState], None] | None = None, shift_and_flip: bool = True,
+        workers: int = 0) -> list[dict]:
+    """Train in place with SGD + Nesterov momentum under a one-cycle schedule, on the model's
+    device; returns a log.
 
+    shift_and_flip: augment every batch (`augment`); off where the data set applies its own
+    random transform (image folders: random resized crop and flip, in `workers` processes).
     `on_epoch` receives the state after every epoch; passing it back as `resume` (with the
     model's weights of that moment) continues exactly as if never stopped.
     """
@@ -94,64 +108,28 @@ def fit(model: nn.Module, train: TensorDataset, epochs: int, lr: float = 0.05,
         raise CarpruneError("the training set is empty; give a data set with images")
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    sampler = None
-    if dist.active():  # each rank a share of every global batch; DDP averages the gradients
-        batch_size = max(1, batch_size // dist.world())
-        sampler = DistributedSampler(train, dist.world(), dist.rank(), shuffle=True, seed=seed,
-                                     drop_last=True)
-        loader = DataLoader(train, batch_size=batch_size, sampler=sampler, drop_last=True)
-    else:
-        loader = DataLoader(train, batch_size=batch_size, shuffle=True, generator=generator,
-                            drop_last=len(train) > batch_size)
+    loader, sampler = _loader(train, batch_size, seed, generator, workers)
     model.to(memory_format=torch.channels_last)
-    net = DistributedDataParallel(model) if dist.active() else model
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": weight_decay},
-                           {"params": no_decay, "weight_decay": 0.0}],
-                          lr=lr, momentum=0.9, nesterov=True)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, epochs=epochs,
-                                                steps_per_epoch=len(loader), pct_start=0.25)
-    log: list[dict] = []
-    first = 1
-    if resume is not None:
-        with warnings.catch_warnings():  # replaying the schedule without optimizer steps
-            warnings.simplefilter("ignore")
-            for _ in range(resume.epoch * len(loader)):
-                sched.step()
-        opt.load_state_dict(resume.optimizer)
-        generator.set_state(resume.generator)
-        torch.set_rng_state(resume.torch_rng)
-        log, first = list(resume.log), resume.epoch + 1
+    device = device_of(model)
+    net = model
+    if dist.active():  # each rank a share of every global batch; DDP averages the gradients
+        net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
+                                      else None)
+    opt, sched = _optimizer(model, lr, weight_decay, epochs, len(loader))
+    log, first = _restore(resume, opt, sched, generator, len(loader))
     for epoch in range(first, epochs + 1):
         if sampler is not None:  # per-epoch, per-rank seeds: resumable without saved RNG state
             sampler.set_epoch(epoch)
             generator.manual_seed(seed + 1000 * epoch + dist.rank())
             torch.manual_seed(seed + 1000 * epoch + dist.rank())
-        model.train()
-        start, seen, total_loss, correct = time.perf_counter(), 0, 0.0, 0
-        bar = tqdm(loader, desc=f"{desc} epoch {epoch}/{epochs}",
-                   disable=not (progress and dist.is_main()),
-                   mininterval=1, leave=False, unit="batch")
-        for x, y in bar:
-            x = augment(x, generator).contiguous(memory_format=torch.channels_last)
-            logits = net(x)
-            loss = F.cross_entropy(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            seen += len(y)
-            total_loss += float(loss.detach()) * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
-        if not math.isfinite(total_loss):
+        step = _Step(net, opt, sched, generator if shift_and_flip else None, device)
+        entry = {"epoch": epoch, **_epoch(step, loader, f"{desc} epoch {epoch}/{epochs}",
+                                          progress)}
+        if not math.isfinite(entry["train_loss"]):
             raise CarpruneError(f"training diverged at epoch {epoch} (loss is not finite); "
                                 "lower the learning rate or check the data for NaN")
-        entry = {"epoch": epoch, "train_loss": total_loss / seen, "train_accuracy": correct / seen,
-                 "seconds": time.perf_counter() - start}
         if val is not None:
-            entry["val_accuracy"] = evaluate(model, val).accuracy
+            entry["val_accuracy"] = evaluate(model, val, workers=workers).accuracy
         log.append(entry)
         if progress and dist.is_main():
             tqdm.write(f"{desc} epoch {epoch}/{epochs}: loss {entry['train_loss']:.4f}, "
@@ -163,3 +141,81 @@ def fit(model: nn.Module, train: TensorDataset, epochs: int, lr: float = 0.05,
                                 torch.get_rng_state(), list(log)))
     model.eval()
     return log
+
+
+def _loader(train: Dataset, batch_size: int, seed: int, generator: torch.Generator,
+            workers: int) -> tuple[DataLoader, DistributedSampler | None]:
+    """Shuffled batches; under torch.distributed each rank a share of every global batch."""
+    if dist.active():
+        sampler = DistributedSampler(train, dist.world(), dist.rank(), shuffle=True, seed=seed,
+                                     drop_last=True)
+        return DataLoader(train, batch_size=max(1, batch_size // dist.world()), sampler=sampler,
+                          drop_last=True, num_workers=workers), sampler
+    return DataLoader(train, batch_size=batch_size, shuffle=True, generator=generator,
+                      drop_last=len(train) > batch_size, num_workers=workers), None
+
+
+def _optimizer(model: nn.Module, lr: float, weight_decay: float, epochs: int, steps: int):
+    """SGD with Nesterov momentum (no decay on biases and norms), one-cycle schedule."""
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": weight_decay},
+                           {"params": no_decay, "weight_decay": 0.0}],
+                          lr=lr, momentum=0.9, nesterov=True)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, epochs=epochs,
+                                                steps_per_epoch=steps, pct_start=0.25)
+    return opt, sched
+
+
+def _restore(resume: TrainState | None, opt, sched, generator: torch.Generator,
+             steps: int) -> tuple[list[dict], int]:
+    """(log so far, first epoch to run): an interrupted run's optimizer, schedule and RNGs."""
+    if resume is None:
+        return [], 1
+    with warnings.catch_warnings():  # replaying the schedule without optimizer steps
+        warnings.simplefilter("ignore")
+        for _ in range(resume.epoch * steps):
+            sched.step()
+    opt.load_state_dict(resume.optimizer)
+    generator.set_state(resume.generator)
+    torch.set_rng_state(resume.torch_rng)
+    return list(resume.log), resume.epoch + 1
+
+
+@dataclass
+class _Step:
+    """One optimizer step on a batch: augment (when a generator is given), forward, backward."""
+
+    net: nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator | None
+    device: torch.device
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.generator is not None:
+            x = augment(x, self.generator)
+        x = x.to(self.device).contiguous(memory_format=torch.channels_last)
+        y = y.to(self.device)
+        logits = self.net(x)
+        loss = F.cross_entropy(logits, y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        return loss.detach(), (logits.argmax(1) == y).sum()
+
+
+def _epoch(step: _Step, loader: DataLoader, desc: str, progress: bool) -> dict:
+    step.net.train()
+    start, seen, total_loss, correct = time.perf_counter(), 0, 0.0, 0
+    bar = tqdm(loader, desc=desc, disable=not (progress and dist.is_main()),
+               mininterval=1, leave=False, unit="batch")
+    for x, y in bar:
+        loss, hits = step(x, y)
+        seen += len(y)
+        total_loss += float(loss) * len(y)
+        correct += int(hits)
+        bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
+    return {"train_loss": total_loss / seen, "train_accuracy": correct / seen,
+            "seconds": time.perf_counter() - start}

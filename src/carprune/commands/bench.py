@@ -9,23 +9,24 @@ import torch
 
 from .. import bench, io
 from ..config import BenchConfig
-from ..data import check_fits, load_data
+from ..data import check_fits, first_images, load_data
+from ..devices import resolve_device
 from ..errors import CarpruneError
 from ..groups import Surgery
 from ..prune import check_layers
-from ..scoring import ScoringSet
-from .common import first_images, table
+from .common import held_in_memory, table
 
 
 def run(config: BenchConfig) -> dict:
-    model = io.load(config.checkpoint)
-    data = load_data(config.data, config.data_dir)
+    device = resolve_device(config.device)
+    model = io.load(config.checkpoint).to(device)
+    data = load_data(config.data, config.data_dir, model, config.image_size, config.workers)
     check_fits(model, data)
-    surgery = Surgery(model, data.val.tensors[0][:1])
+    surgery = Surgery(model, data.example(1).to(device))
     layers = config.layers or surgery.conv_layers()
     check_layers(surgery, layers)
-    scoring = ScoringSet.from_any(first_images(data.val, config.score_samples,
-                                               "--score-samples"), data.num_classes)
+    scoring = held_in_memory(data, first_images(data.val, config.score_samples,
+                                                "--score-samples"), config.memory_budget, device)
     rows, throughput = bench.bench_layers(model, scoring, layers, config.steps)
     run_seconds = approximate = None
     if config.whole_run or config.approx:

@@ -1,15 +1,21 @@
-"""What several commands share: tables, output directories, first-N images, model labels."""
+"""What several commands share: tables, output directories, model labels."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import shlex
 import sys
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+from tqdm.auto import tqdm
 
+from .. import dist
+from ..devices import device_of
 from ..errors import CarpruneError
+from ..scoring import ScoringSet
 
 
 def table(rows: list[list], header: list[str]) -> str:
@@ -32,30 +38,68 @@ def refuse_existing_output(out: str) -> None:
                             "another --out or remove it")
 
 
-def first_images(dataset, n: int | None, option: str):
-    """The first n images of a split (our splits are in random order, val class-balanced), or
-    all of them; `option` names the flag in the error."""
-    if n is None:
-        return dataset
-    if n <= 0:
-        raise CarpruneError(f"{option} must be positive, got {n}")
-    return torch.utils.data.TensorDataset(*[t[:n] for t in dataset.tensors])
-
-
-def model_labels(model: torch.nn.Module, dataset):
-    """The same images labelled by the model's own predictions (CAR as loss of agreement)."""
-    with torch.inference_mode():
+def model_labels(model: torch.nn.Module, dataset, data=None):
+    """The same images labelled by the model's own predictions (CAR as loss of agreement).
+    Images on disk are labelled through their evaluation transform, in `data`'s workers."""
+    device = device_of(model)
+    if isinstance(dataset, TensorDataset):
         x = dataset.tensors[0]
-        preds = torch.cat([model.eval()(x[i:i + 256]).argmax(1) for i in range(0, len(x), 256)])
-    return torch.utils.data.TensorDataset(x, preds)
+        with torch.inference_mode():
+            preds = torch.cat([model.eval()(x[i:i + 256].to(device)).argmax(1).cpu()
+                               for i in range(0, len(x), 256)])
+        return TensorDataset(x, preds)
+    view = dataset.eval_view() if hasattr(dataset, "eval_view") else dataset
+    loader = data.loader(view) if data is not None else DataLoader(view, batch_size=256)
+    with torch.inference_mode():
+        preds = torch.cat([model.eval()(x.to(device)).argmax(1).cpu() for x, _ in
+                           tqdm(loader, desc="label by the model", unit="batch", leave=False)])
+    return Relabelled(dataset, preds.tolist())
+
+
+class Relabelled(Dataset):
+    """A data set's images with other labels (the model's predictions)."""
+
+    def __init__(self, dataset: Dataset, labels: list[int]):
+        self.dataset, self.labels = dataset, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.dataset[i][0], self.labels[i]
+
+    def eval_view(self) -> Relabelled:
+        inner = self.dataset
+        return Relabelled(inner.eval_view(), self.labels) if hasattr(inner, "eval_view") \
+            else self
 
 
 def relabelled(data, model: torch.nn.Module):
     """Every split labelled by the model's predictions: accuracies then read as agreement with
     the unpruned network, and fine-tuning distils toward it."""
     with torch.inference_mode():
-        classes = model.eval()(data.val.tensors[0][:1]).shape[-1]
+        classes = model.eval()(data.example(1).to(device_of(model))).shape[-1]
     return dataclasses.replace(
-        data, train=model_labels(model, data.train), val=model_labels(model, data.val),
-        test=model_labels(model, data.test), classes=[str(c) for c in range(classes)],
+        data, train=model_labels(model, data.train, data),
+        val=model_labels(model, data.val, data), test=model_labels(model, data.test, data),
+        classes=[str(c) for c in range(classes)],
         meta={**data.meta, "unlabelled": False, "labels": "model"})
+
+
+def held_in_memory(data, dataset: Dataset, memory_budget: float, device: torch.device,
+                   option: str = "--score-samples") -> ScoringSet:
+    """The scoring images, decoded once and held on `device`, if they fit the memory budget
+    (GiB): the estimate is printed, and a set over budget is refused with how many would fit."""
+    per_image = 4 * math.prod(data.input_shape) + 8
+    need, budget = per_image * len(dataset), int(memory_budget * 2**30)
+    where = "GPU memory" if device.type == "cuda" else "memory"
+    if need > budget:
+        raise CarpruneError(f"the {len(dataset)} scoring images at {data.input_shape} need "
+                            f"{need / 2**30:.2f} GiB of {where}, over --memory-budget "
+                            f"{memory_budget:g}; {budget // per_image} fit: lower {option} "
+                            "to that or raise --memory-budget")
+    if dist.is_main():
+        print(f"scoring set: {len(dataset)} images of {'x'.join(map(str, data.input_shape))} "
+              f"held in {where}, {need / 2**20:.0f} MiB of the {memory_budget:g} GiB budget")
+    source = dataset if isinstance(dataset, TensorDataset) else data.loader(dataset, 64)
+    return ScoringSet.from_any(source, data.num_classes).to(device)

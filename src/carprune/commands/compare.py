@@ -5,22 +5,31 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from torch.utils.data import TensorDataset
+
 from .. import compare, io
 from ..config import CompareConfig
-from ..data import check_fits, load_data
+from ..data import check_fits, first_images, load_data
+from ..devices import resolve_device
+from ..errors import CarpruneError
 from ..groups import Surgery
 from ..prune import check_layers
-from .common import command_line, first_images, refuse_existing_output, table
+from .common import command_line, refuse_existing_output, table
 
 
 def run(config: CompareConfig, data=None, known: dict | None = None) -> dict:
     """known: {(layer, criterion): removal order} already computed on the same network and
     scoring set (the demo passes prune's conv1 order, so greedy CAR does not run twice)."""
     refuse_existing_output(config.out)
-    data = data if data is not None else load_data(config.data, config.data_dir)
-    model = io.load(config.checkpoint)
+    model = io.load(config.checkpoint).to(resolve_device(config.device))
+    data = data if data is not None else load_data(config.data, config.data_dir, model,
+                                                   config.image_size, config.workers)
+    if not all(isinstance(s, TensorDataset) for s in (data.train, data.val, data.test)):
+        raise CarpruneError("compare holds its splits in memory and reads image files only "
+                            "through prune and explain; give it a data set held in memory "
+                            "(fashion-mnist, or a factory returning TensorDatasets)")
     check_fits(model, data)
-    check_layers(Surgery(model, data.val.tensors[0][:1]), config.layers)
+    check_layers(Surgery(model, data.example(1)), config.layers)
     train = first_images(data.train, config.train_samples, "--train-samples")
     points = compare.compare(model, data, config.layers, config.criteria, config.keep_grid,
                              retrain_epochs=config.retrain_epochs, seeds=config.seeds,

@@ -16,6 +16,7 @@ from pathlib import Path
 from .. import io
 from ..config import CompareConfig, DemoConfig, PruneConfig
 from ..data import fashion_mnist
+from ..devices import resolve_device
 from ..errors import CarpruneError
 from . import compare, prune
 from .common import table
@@ -58,7 +59,8 @@ def run(config: DemoConfig) -> dict:
 
     start = time.perf_counter()
     pruned = prune.run(PruneConfig(checkpoint=SHIPPED, layers=LAYERS, keep=0.5,
-                                   finetune_epochs=2, out=str(out / "prune")), data)
+                                   finetune_epochs=2, out=str(out / "prune"),
+                                   device=config.device), data)
     stages["exact CAR, every conv layer to half, + 2 epochs fine-tuning"] = \
         time.perf_counter() - start
 
@@ -67,12 +69,13 @@ def run(config: DemoConfig) -> dict:
     # exactly the comparison's, so greedy CAR does not run twice
     first = {(LAYERS[0], "car"): pruned["layers"][LAYERS[0]]["removed"]}
     compared = compare.run(CompareConfig(checkpoint=SHIPPED, layers=EXPLAINED, criteria=CRITERIA,
-                                         keep_grid=GRID, out=str(out / "compare")), data,
-                           known=first)
+                                         keep_grid=GRID, out=str(out / "compare"),
+                                         device=config.device), data, known=first)
     stages["comparison with l1, taylor, random (conv1, conv2)"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    explain_run(SHIPPED, data, EXPLAINED, out / "explain", prune_run=out / "prune")
+    explain_run(SHIPPED, data, EXPLAINED, out / "explain", prune_run=out / "prune",
+                device=resolve_device(config.device))
     stages["interpretation of conv1 and conv2"] = time.perf_counter() - start
 
     summary = {"prune": pruned, "compare": compared, "stage_seconds": stages,

@@ -1,26 +1,46 @@
-"""`carprune evaluate`: overall and per-class accuracy of a checkpoint."""
+"""`carprune evaluate`: overall and per-class accuracy of a checkpoint; on images without labels,
+which classes it predicts."""
 
 from __future__ import annotations
+
+from collections import Counter
 
 from .. import io
 from ..config import EvaluateConfig
 from ..data import check_fits, load_data
+from ..devices import resolve_device
 from ..train import evaluate
-from .common import table
+from .common import model_labels, table
 
 
 def run(config: EvaluateConfig) -> dict:
-    model = io.load(config.checkpoint)
-    data = load_data(config.data, config.data_dir)
+    """Images of an image folder are read with the preprocessing the model was pruned with."""
+    model = io.load(config.checkpoint).to(resolve_device(config.device))
+    data = load_data(config.data, config.data_dir, model, config.image_size, config.workers)
     check_fits(model, data)
-    result = evaluate(model, getattr(data, config.split), data.num_classes)
-    rows = [[name, f"{acc:.4f}"] for name, acc in zip(data.classes, result.per_class,
-                                                       strict=True)]
-    print(table(rows, ["class", f"{config.split} accuracy"]))
-    print(f"{config.split} accuracy: {result.accuracy:.4f} ({result.correct}/{result.total})")
+    split = getattr(data, config.split)
     summary = {"checkpoint": str(config.checkpoint), "split": config.split,
-               "accuracy": result.accuracy, "loss": result.loss,
-               "per_class": dict(zip(data.classes, result.per_class, strict=True))}
+               "preprocess": data.preprocess, "device": config.device}
+    if data.meta.get("unlabelled"):
+        summary.update(_predictions(model, split, data, config.split))
+    else:
+        result = evaluate(model, split, data.num_classes, workers=data.workers)
+        rows = [[name, f"{acc:.4f}"] for name, acc in zip(data.classes, result.per_class,
+                                                           strict=True)]
+        print(table(rows, ["class", f"{config.split} accuracy"]))
+        print(f"{config.split} accuracy: {result.accuracy:.4f} "
+              f"({result.correct}/{result.total})")
+        summary.update(accuracy=result.accuracy, loss=result.loss,
+                       per_class=dict(zip(data.classes, result.per_class, strict=True)))
     if config.json:
         io.write_json(config.json, summary)
     return summary
+
+
+def _predictions(model, split, data, name: str) -> dict:
+    """No labels, so no accuracy: how many images the model puts in each class."""
+    counts = Counter(model_labels(model, split, data).labels)
+    print(table([[c, n] for c, n in counts.most_common(10)], ["predicted class", "images"]))
+    print(f"{name}: {len(split)} images without labels, so no accuracy; the classes the model "
+          f"predicts most are above ({len(counts)} classes in all)")
+    return {"accuracy": None, "predicted": {str(c): n for c, n in counts.most_common()}}

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from .. import io
 from ..config import ExplainConfig
-from ..data import Data, check_fits, load_data
+from ..data import Data, check_fits, first_images, load_data
+from ..devices import resolve_device
 from ..errors import CarpruneError
 from ..groups import Surgery
 from ..interpret.class_importance import ClassImportance
@@ -21,14 +23,16 @@ from ..interpret.pictures import filter_grid
 from ..interpret.report import explain_layer, first_conv, page, points, removal_orders
 from ..prune import check_layers
 from ..scoring import ScoringSet, make_engine
-from .common import first_images, refuse_existing_output, table
+from .common import refuse_existing_output, table
 
 
 def run(config: ExplainConfig) -> dict:
-    return explain_run(config.checkpoint, load_data(config.data, config.data_dir),
-                       config.layers, config.out, prune_run=config.prune_run,
-                       score_samples=config.score_samples, engine=config.engine,
-                       top_k=config.top_k)
+    device = resolve_device(config.device)
+    data = load_data(config.data, config.data_dir, io.load(config.checkpoint),
+                     config.image_size, config.workers)
+    return explain_run(config.checkpoint, data, config.layers, config.out,
+                       prune_run=config.prune_run, score_samples=config.score_samples,
+                       engine=config.engine, top_k=config.top_k, device=device)
 
 
 def _model(checkpoint_or_model) -> tuple[nn.Module, str]:
@@ -47,7 +51,7 @@ def _validated(checkpoint_or_model, data: Data, layers: Sequence[str], out, prun
         raise CarpruneError(f"top_k must be at least 1 patch per filter, got {top_k}")
     model, source = _model(checkpoint_or_model)
     check_fits(model, data)
-    check_layers(Surgery(copy.deepcopy(model), data.val.tensors[0][:1]), layers)
+    check_layers(Surgery(copy.deepcopy(model), data.example(1)), layers)
     dataset = first_images(data.val, score_samples, "--score-samples")
     orders = removal_orders(prune_run, model, layers)
     refuse_existing_output(str(out))
@@ -57,7 +61,7 @@ def _validated(checkpoint_or_model, data: Data, layers: Sequence[str], out, prun
 def explain_run(checkpoint_or_model, data: Data, layers: Sequence[str], out: str | os.PathLike,
                 prune_run: str | os.PathLike | None = None, score_samples: int | None = None,
                 engine: str = "fast", top_k: int = 6, seed: int = 0,
-                progress: bool = True) -> dict:
+                progress: bool = True, device: torch.device | None = None) -> dict:
     """Explain the filters of `layers`: class importance (CSV, JSON, heat map), top patches, the
     first conv layer's filters, colour and diversity indices, and one self-contained
     report.html, all in `out`. Every input is checked before anything is written.
@@ -66,11 +70,13 @@ def explain_run(checkpoint_or_model, data: Data, layers: Sequence[str], out: str
     prune_run: a `carprune prune` output directory; its removal order annotates the pictures
     (otherwise the one-shot CAR ranking stands in, removing half of each layer).
     score_samples: score on the first N validation images (default: all).
+    device: where class importance is computed (default: the CPU); pictures are drawn on it.
     """
     model, source, dataset, orders = _validated(checkpoint_or_model, data, layers, out,
                                                 prune_run, score_samples, engine, top_k)
     out = Path(out)
-    scoring = ScoringSet.from_any(dataset, data.num_classes)
+    scoring = ScoringSet.from_any(dataset if isinstance(dataset, TensorDataset)
+                                  else data.loader(dataset, 64), data.num_classes)
     images = torch.cat([x for x, _ in scoring.batches]).contiguous()
     grid_name = first_conv(model, images.shape[1])
     figures: dict[str, bytes] = {}
@@ -79,7 +85,7 @@ def explain_run(checkpoint_or_model, data: Data, layers: Sequence[str], out: str
     for name in layers:
         imp, info, layer_figures, table_csv, section = explain_layer(
             model, scoring, images, name, data, orders.get(name), name == grid_name, engine,
-            top_k, seed, progress)
+            top_k, seed, progress, device or torch.device("cpu"))
         explained[name] = (imp, info)
         figures.update(layer_figures)
         texts[f"class_importance_{name}.csv"] = table_csv

@@ -8,44 +8,53 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from .. import dist, io
 from ..config import PruneConfig
-from ..data import check_fits, load_data
+from ..data import check_fits, first_images, load_data
+from ..devices import device_of, resolve_device
 from ..errors import CarpruneError
 from ..groups import Surgery
 from ..measure import speed_report
 from ..prune import car_prune, check_layers, criterion_prune, global_car_prune, resolve_keep
 from ..resume import RunState
 from ..train import evaluate, fit
-from .common import command_line, first_images, model_labels, relabelled, table
+from .common import command_line, held_in_memory, model_labels, relabelled, table
 
-NOT_IDENTITY = ("out", "restart", "memory_budget")  # options that cannot change the result
+NOT_IDENTITY = ("out", "restart", "memory_budget", "workers", "data_dir", "trust_pickle")
 
 
 def run(config: PruneConfig, data=None, model: nn.Module | None = None) -> dict:
     """The whole command; `data` (a carprune Data) and `model` replace --data and the
     checkpoint when given from Python. Returns result.json's content."""
-    data = data if data is not None else load_data(config.data, config.data_dir)
-    model, source = _model(config, data, model)
+    device = resolve_device(config.device)
+    model, source = _model(config, model)
+    if data is None:
+        data = load_data(config.data, config.data_dir, model, config.image_size, config.workers)
+    if "input_shape" not in model.carprune_spec:
+        io.attach_data(model, data)
+    model.to(device)
     check_fits(model, data)
     _check_layers(config, model, data)
-    data, scoring, train = _inputs(config, data, model)
+    data, scoring, train = _inputs(config, data, model, device)
     state = RunState.open(config.out, _identity(config, model, data, scoring, train, source),
                           config.restart)
     before = _measure(model, data)
+    by_original = model_labels(model, data.val, data)  # agreement = accuracy on these labels
     result, global_steps = _prune(config, model, scoring, data.num_classes, state)
     pruned = result.model
-    after = _measure(pruned, data, original=model)
+    after = _measure(pruned, data, by_original)
     start = time.perf_counter()
     fit(pruned, train, config.finetune_epochs, lr=config.finetune_lr, seed=config.seed,
         desc="fine-tune", resume=state.training(pruned),
-        on_epoch=lambda ts: state.save_training(pruned, ts))
+        on_epoch=lambda ts: state.save_training(pruned, ts), shift_and_flip=data.augment,
+        workers=data.workers)
     finetune_seconds = time.perf_counter() - start
-    finetuned = _measure(pruned, data, original=model, speed=True)
+    finetuned = _measure(pruned, data, by_original, speed=True, splits=("test",))
     summary = _summary(config, source, result, global_steps, before, after, finetuned,
-                       finetune_seconds, len(scoring))
+                       finetune_seconds, scoring.total)
     state.finish()
     if dist.is_main():
         _write(pruned, result, global_steps, summary)
@@ -53,18 +62,20 @@ def run(config: PruneConfig, data=None, model: nn.Module | None = None) -> dict:
     return summary
 
 
-def _model(config: PruneConfig, data, model: nn.Module | None) -> tuple[nn.Module, str]:
+def _model(config: PruneConfig, model: nn.Module | None) -> tuple[nn.Module, str]:
     if model is not None:
         return model, "a model given in Python"
     if config.model:
-        return io.from_factory(config.model, config.weights, data, config.trust_pickle), \
-            config.model
+        return io.from_factory(config.model, config.weights, config.trust_pickle), config.model
+    if config.checkpoint is None:
+        raise CarpruneError("give a checkpoint directory, or --model package.module:factory "
+                            "(with --weights FILE)")
     return io.load(config.checkpoint), str(config.checkpoint)
 
 
 def _check_layers(config: PruneConfig, model: nn.Module, data) -> None:
     """The layers exist and are prunable, and a per-layer --keep leaves each of them some."""
-    surgery = Surgery(copy.deepcopy(model), data.val.tensors[0][:1])
+    surgery = Surgery(copy.deepcopy(model), data.example(1).to(device_of(model)))
     if config.layers:
         check_layers(surgery, config.layers)
     if config.budget[1] is None:
@@ -72,8 +83,9 @@ def _check_layers(config: PruneConfig, model: nn.Module, data) -> None:
             resolve_keep(config.keep, surgery.size(name), name)
 
 
-def _inputs(config: PruneConfig, data, model: nn.Module):
-    """(data, scoring set, training set), relabelled by the model under --labels model."""
+def _inputs(config: PruneConfig, data, model: nn.Module, device: torch.device):
+    """(data, scoring set held on the device, training set), relabelled by the model under
+    --labels model."""
     if data.meta.get("unlabelled"):
         if config.labels != "model":
             raise CarpruneError("the image folder has no class folders, so its images have no "
@@ -82,8 +94,9 @@ def _inputs(config: PruneConfig, data, model: nn.Module):
         data = relabelled(data, model)
     scoring = first_images(data.val, config.score_samples, "--score-samples")
     if config.labels == "model":
-        scoring = model_labels(model, scoring)
-    return data, scoring, first_images(data.train, config.train_samples, "--train-samples")
+        scoring = model_labels(model, scoring, data)
+    train = first_images(data.train, config.train_samples, "--train-samples")
+    return data, held_in_memory(data, scoring, config.memory_budget, device), train
 
 
 def _identity(config: PruneConfig, model: nn.Module, data, scoring, train, source) -> dict:
@@ -92,19 +105,19 @@ def _identity(config: PruneConfig, model: nn.Module, data, scoring, train, sourc
     options = {k: v for k, v in config.to_json().items() if k not in NOT_IDENTITY}
     return {**options, "source": source,
             "weights": model.carprune_spec.get("weights_sha256"), "data": data.name,
-            "val_images": len(data.val), "score_images": len(scoring),
+            "val_images": len(data.val), "score_images": scoring.total,
             "train_images": len(train)}
 
 
-def _measure(model: nn.Module, data, original: nn.Module | None = None,
-             speed: bool = False) -> dict:
-    """Test and val accuracy; agreement with `original` on val; params, MACs and latency for
-    the unpruned network and after fine-tuning."""
-    figures = {"test": evaluate(model, data.test, data.num_classes).accuracy,
-               "val": evaluate(model, data.val, data.num_classes).accuracy}
-    if original is not None:
-        figures["agreement"] = evaluate(model, model_labels(original, data.val)).accuracy
-    if original is None or speed:
+def _measure(model: nn.Module, data, by_original=None, speed: bool = False,
+             splits: tuple[str, ...] = ("test", "val")) -> dict:
+    """Accuracy on `splits`; agreement on val with the original's predictions `by_original`;
+    params, MACs and latency for the unpruned network and after fine-tuning."""
+    figures = {split: evaluate(model, getattr(data, split), data.num_classes,
+                               workers=data.workers).accuracy for split in splits}
+    if by_original is not None:
+        figures["agreement"] = evaluate(model, by_original, workers=data.workers).accuracy
+    if by_original is None or speed:
         figures["speed"] = speed_report(model, data.input_shape)
     return figures
 

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import Data
+from ..devices import device_of
 from ..errors import CarpruneError
 from ..groups import Surgery, Unit
 from ..scoring import ScoringSet, make_engine, rank
@@ -103,15 +104,18 @@ def class_names(model: nn.Module, num_classes: int, data=None,
 
 def class_importance(model: nn.Module, data, layer: str, engine: str = "fast",
                      num_classes: int | None = None, classes: list[str] | None = None,
-                     progress: bool = True) -> ClassImportance:
-    """Class-specific CAR of every filter of `layer`, from one pass of the scoring engine.
+                     progress: bool = True,
+                     device: torch.device | None = None) -> ClassImportance:
+    """Class-specific CAR of every filter of `layer`, from one pass of the scoring engine, on
+    `device` (default: the model's).
 
     data: a carprune Data (its val split is scored), a ScoringSet, a TensorDataset or a
     DataLoader of (images, labels). The model is not modified.
     """
     dataset = data.val if isinstance(data, Data) else data
-    probe = ScoringSet.from_any(dataset, num_classes)
-    surgery = Surgery(copy.deepcopy(model), probe.example())
+    device = device or device_of(model)
+    probe = ScoringSet.from_any(dataset, num_classes).to(device)
+    surgery = Surgery(copy.deepcopy(model).to(device), probe.example())
     surgery.check_layer(layer)
     with torch.inference_mode():
         outputs = int(surgery.model(probe.example()).shape[-1])

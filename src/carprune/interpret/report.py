@@ -184,10 +184,11 @@ def _colour(model: nn.Module, images: torch.Tensor, name: str, data: Data, is_fi
 
 def explain_layer(model: nn.Module, scoring: ScoringSet, images: torch.Tensor, name: str,
                    data: Data, run_order: list[int] | None, is_first: bool, engine: str,
-                   top_k: int, seed: int, progress: bool):
-    """Everything about one layer: (class importance, summary, figures, CSV, HTML section)."""
+                   top_k: int, seed: int, progress: bool, device: torch.device):
+    """Everything about one layer: (class importance, summary, figures, CSV, HTML section).
+    Class importance runs on `device`; the pictures on the CPU, where the model is."""
     imp = class_importance(model, scoring, name, engine, classes=data.classes,
-                           progress=progress)
+                           progress=progress, device=device)
     patches = top_patches(model, images, name, top_k)
     if run_order is not None:
         order, order_source = run_order, "greedy CAR, prune run"

@@ -64,6 +64,14 @@ class ScoringSet:
     def example(self) -> torch.Tensor:
         return self.batches[0][0][:1].contiguous()
 
+    def to(self, device: torch.device) -> ScoringSet:
+        """The same images and labels on `device` (where the engines then compute)."""
+        return ScoringSet([(x.to(device), y.to(device)) for x, y in self.batches],
+                          self.num_classes)
+
+    def nbytes(self) -> int:
+        return sum(x.nbytes + y.nbytes for x, y in self.batches)
+
     def subset(self, n: int) -> ScoringSet:
         """The first n images (class-balanced sets stay balanced when n is a multiple)."""
         out, left = [], n
@@ -77,7 +85,8 @@ class ScoringSet:
 
 @dataclass
 class Scores:
-    """Tallies for K networks over one scoring set (row k: the network without candidate k)."""
+    """Tallies for K networks over one scoring set (row k: the network without candidate k),
+    kept on the CPU whatever device computed them."""
 
     correct: torch.Tensor        # (K,) int64
     class_correct: torch.Tensor  # (K, C) int64
@@ -93,12 +102,12 @@ class Scores:
     def add_logits(self, rows: slice | torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
         """Accumulate logits of shape (k, B, C) for candidates `rows` on labels y (B,)."""
         k, b, c = logits.shape
-        hit = logits.argmax(-1) == y.view(1, b)
+        hit = (logits.argmax(-1) == y.view(1, b)).cpu()  # integer matmul is CPU-only
         self.correct[rows] += hit.sum(1)
-        onehot = F.one_hot(y, self.class_correct.shape[1]).to(torch.int64)
+        onehot = F.one_hot(y.cpu(), self.class_correct.shape[1]).to(torch.int64)
         self.class_correct[rows] += hit.to(torch.int64) @ onehot
         loss = F.cross_entropy(logits.reshape(k * b, c).float(), y.repeat(k), reduction="none")
-        self.loss[rows] += loss.view(k, b).double().sum(1)
+        self.loss[rows] += loss.view(k, b).double().sum(1).cpu()
 
     def accuracy(self) -> torch.Tensor:
         return self.correct.double() / self.total

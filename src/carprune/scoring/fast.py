@@ -93,6 +93,16 @@ def _descendants(node: fx.Node) -> set[fx.Node]:
     return seen
 
 
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen, stack = {node}, [node]
+    while stack:
+        for arg in stack.pop().all_input_nodes:
+            if arg not in seen:
+                seen.add(arg)
+                stack.append(arg)
+    return seen
+
+
 def _module_node(graph: fx.Graph, name: str) -> fx.Node | None:
     found = [n for n in graph.nodes if n.op == "call_module" and n.target == name]
     return found[0] if len(found) == 1 else None
@@ -132,11 +142,12 @@ def plan_layer(surgery: Surgery, layer: str) -> _Plan | None:
         norm, norm_node = None, None
     out_node = norm_node or cnode
     tail_nodes = [n for n in graph.nodes if n in below_c and n not in (cnode, norm_node)]
-    sides = []
+    per_image = set().union(*(_descendants(n) for n in graph.nodes if n.op == "placeholder"))
+    sides, constants = [], []  # per-image side inputs; parameters (timm's functional norms)
     for n in tail_nodes:
         for a in n.all_input_nodes:
             if a not in below_c and a not in sides and a is not out_node:
-                sides.append(a)
+                (sides if a in per_image else constants).append(a)
 
     head_graph, env = fx.Graph(), {}
     for n in graph.nodes:
@@ -151,6 +162,10 @@ def plan_layer(surgery: Surgery, layer: str) -> _Plan | None:
     env = {out_node: tail_graph.placeholder("consumer_out")}
     for i, s in enumerate(sides):
         env[s] = tail_graph.placeholder(f"side_{i}")
+    fixed = set().union(*(_ancestors(c) for c in constants))
+    for n in graph.nodes:  # what the tail reads that no image changes: computed in the tail
+        if n in fixed:
+            env[n] = tail_graph.node_copy(n, env.__getitem__)
     for n in tail_nodes:
         env[n] = tail_graph.node_copy(n, env.__getitem__)
 
@@ -370,7 +385,8 @@ class FastEngine:
     def _score_layer(self, surgery: Surgery, plan: _Plan, layer: str, units: Sequence[Unit],
                      scoring: ScoringSet, advance) -> tuple[Scores, Scores]:
         cache = self._inputs(surgery, plan, layer, scoring)
-        idx = torch.tensor([cache.feeds[u.channel] for u in units])
+        idx = torch.tensor([cache.feeds[u.channel] for u in units],
+                           device=scoring.batches[0][0].device)
         base = Scores.zeros(1, scoring.num_classes)
         scores = Scores.zeros(len(units), scoring.num_classes)
         base.total = scores.total = scoring.total

@@ -82,22 +82,39 @@ class Surgery:
             if isinstance(m, nn.Conv2d)}
         self.removals: list[tuple[str, list[int]]] = []
         self._groups: dict[str, dict[int, list]] = {}  # layer -> channel -> group items
+        self._grouped: dict[str, nn.Conv2d | None] = {}
 
     # -- naming -----------------------------------------------------------------------------
     def conv_layers(self) -> list[str]:
         """Layers whose filters can be pruned: convs with a dependency group, not depthwise."""
         return [n for n, m in self.modules.items()
-                if isinstance(m, nn.Conv2d) and not is_depthwise(m) and m in self.dg.module2node]
+                if isinstance(m, nn.Conv2d) and not is_depthwise(m) and m in self.dg.module2node
+                and self.grouped_reader(n) is None]
 
     def check_layer(self, name: str) -> nn.Conv2d:
         if name not in self.modules:
             raise CarpruneError(f"the model has no layer {name!r}; prunable layers are: "
                                 f"{', '.join(self.conv_layers())}")
         module = self.modules[name]
+        grouped = self.grouped_reader(name) if isinstance(module, nn.Conv2d) else None
+        if grouped is not None:
+            raise CarpruneError(f"the channels of {name!r} feed a grouped convolution "
+                                f"({self.names[grouped]}, groups={grouped.groups}), which cannot "
+                                "lose single channels; choose another layer")
         if name not in self.conv_layers():
             raise CarpruneError(f"layer {name!r} is a {type(module).__name__}, not a prunable "
                                 f"conv layer; choose from: {', '.join(self.conv_layers())}")
         return module
+
+    def grouped_reader(self, layer: str) -> nn.Conv2d | None:
+        """A grouped (not depthwise) convolution in the layer's dependency group, if any
+        (RegNet, ResNeXt): removing one channel would break its groups."""
+        if layer not in self._grouped:
+            self._grouped[layer] = next(
+                (dep.target.module for dep, _ in self.group(layer, [0])
+                 if isinstance(dep.target.module, nn.Conv2d) and dep.target.module.groups > 1
+                 and not is_depthwise(dep.target.module)), None)
+        return self._grouped[layer]
 
     def size(self, layer: str) -> int:
         return self.modules[layer].out_channels

@@ -83,24 +83,22 @@ class _Cache:
     sides: list[tuple]            # side inputs per scoring batch
 
 
-def _descendants(node: fx.Node) -> set[fx.Node]:
+def _closure(node: fx.Node, neighbours) -> set[fx.Node]:
     seen, stack = {node}, [node]
     while stack:
-        for user in stack.pop().users:
-            if user not in seen:
-                seen.add(user)
-                stack.append(user)
+        for other in neighbours(stack.pop()):
+            if other not in seen:
+                seen.add(other)
+                stack.append(other)
     return seen
+
+
+def _descendants(node: fx.Node) -> set[fx.Node]:
+    return _closure(node, lambda n: n.users)
 
 
 def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen, stack = {node}, [node]
-    while stack:
-        for arg in stack.pop().all_input_nodes:
-            if arg not in seen:
-                seen.add(arg)
-                stack.append(arg)
-    return seen
+    return _closure(node, lambda n: n.all_input_nodes)
 
 
 def _module_node(graph: fx.Graph, name: str) -> fx.Node | None:
@@ -157,18 +155,7 @@ def plan_layer(surgery: Surgery, layer: str) -> _Plan | None:
     head = fx.GraphModule(traced, head_graph)
     head.graph.eliminate_dead_code()
     head.recompile()
-
-    tail_graph = fx.Graph()
-    env = {out_node: tail_graph.placeholder("consumer_out")}
-    for i, s in enumerate(sides):
-        env[s] = tail_graph.placeholder(f"side_{i}")
-    fixed = set().union(*(_ancestors(c) for c in constants))
-    for n in graph.nodes:  # what the tail reads that no image changes: computed in the tail
-        if n in fixed:
-            env[n] = tail_graph.node_copy(n, env.__getitem__)
-    for n in tail_nodes:
-        env[n] = tail_graph.node_copy(n, env.__getitem__)
-
+    tail_graph = _tail_graph(graph, out_node, sides, constants, tail_nodes)
     tail = fx.GraphModule(traced, tail_graph)
     _pool_before_relu(tail)
     crop = _cropping_pool(tail)
@@ -178,6 +165,23 @@ def plan_layer(surgery: Surgery, layer: str) -> _Plan | None:
         return surgery.consumers(layer, channel)[0][1]
 
     return _Plan(head, tail, consumer, norm, in_index, crop)
+
+
+def _tail_graph(graph: fx.Graph, out_node: fx.Node, sides: list[fx.Node],
+                constants: list[fx.Node], tail_nodes: list[fx.Node]) -> fx.Graph:
+    """The tail: the consumer's output and the per-image side inputs in, logits out; what it
+    reads that no image changes (parameters) is computed inside it."""
+    tail_graph = fx.Graph()
+    env = {out_node: tail_graph.placeholder("consumer_out")}
+    for i, s in enumerate(sides):
+        env[s] = tail_graph.placeholder(f"side_{i}")
+    fixed = set().union(*(_ancestors(c) for c in constants))
+    for n in graph.nodes:
+        if n in fixed:
+            env[n] = tail_graph.node_copy(n, env.__getitem__)
+    for n in tail_nodes:
+        env[n] = tail_graph.node_copy(n, env.__getitem__)
+    return tail_graph
 
 
 def _cropping_pool(tail: fx.GraphModule) -> nn.Module | None:

@@ -101,5 +101,4 @@ def held_in_memory(data, dataset: Dataset, memory_budget: float, device: torch.d
     if dist.is_main():
         print(f"scoring set: {len(dataset)} images of {'x'.join(map(str, data.input_shape))} "
               f"held in {where}, {need / 2**20:.0f} MiB of the {memory_budget:g} GiB budget")
-    source = dataset if isinstance(dataset, TensorDataset) else data.loader(dataset, 64)
-    return ScoringSet.from_any(source, data.num_classes).to(device)
+    return ScoringSet.from_any(data.scoring_source(dataset), data.num_classes).to(device)

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
 
 from .. import io
 from ..config import ExplainConfig
@@ -75,8 +74,7 @@ def explain_run(checkpoint_or_model, data: Data, layers: Sequence[str], out: str
     model, source, dataset, orders = _validated(checkpoint_or_model, data, layers, out,
                                                 prune_run, score_samples, engine, top_k)
     out = Path(out)
-    scoring = ScoringSet.from_any(dataset if isinstance(dataset, TensorDataset)
-                                  else data.loader(dataset, 64), data.num_classes)
+    scoring = ScoringSet.from_any(data.scoring_source(dataset), data.num_classes)
     images = torch.cat([x for x, _ in scoring.batches]).contiguous()
     grid_name = first_conv(model, images.shape[1])
     figures: dict[str, bytes] = {}

@@ -42,7 +42,8 @@ def run(config: PruneConfig, data=None, model: nn.Module | None = None) -> dict:
     state = RunState.open(config.out, _identity(config, model, data, scoring, train, source),
                           config.restart)
     before = _measure(model, data)
-    by_original = model_labels(model, data.val, data)  # agreement = accuracy on these labels
+    # agreement = accuracy on the original's predictions; relabelled data already holds them
+    by_original = data.val if _by_model(data) else model_labels(model, data.val, data)
     result, global_steps = _prune(config, model, scoring, data.num_classes, state)
     pruned = result.model
     after = _measure(pruned, data, by_original)
@@ -93,10 +94,15 @@ def _inputs(config: PruneConfig, data, model: nn.Module, device: torch.device):
                                 "the unpruned network's own predictions")
         data = relabelled(data, model)
     scoring = first_images(data.val, config.score_samples, "--score-samples")
-    if config.labels == "model":
+    if config.labels == "model" and not _by_model(data):
         scoring = model_labels(model, scoring, data)
     train = first_images(data.train, config.train_samples, "--train-samples")
     return data, held_in_memory(data, scoring, config.memory_budget, device), train
+
+
+def _by_model(data) -> bool:
+    """Every split is already labelled by the unpruned model (`relabelled`)."""
+    return data.meta.get("labels") == "model"
 
 
 def _identity(config: PruneConfig, model: nn.Module, data, scoring, train, source) -> dict:

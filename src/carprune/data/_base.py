@@ -56,6 +56,11 @@ class Data:
         """Batches of `dataset` in order, read by this data set's worker processes."""
         return DataLoader(dataset, batch_size=batch_size, num_workers=self.workers)
 
+    def scoring_source(self, dataset: Dataset):
+        """What `ScoringSet.from_any` reads a scoring subset from: in-memory tensors as they
+        are, files through this data set's workers."""
+        return dataset if isinstance(dataset, TensorDataset) else self.loader(dataset, 64)
+
     def describe(self) -> dict:
         return {"name": self.name, "classes": self.classes, "mean": list(self.mean),
                 "std": list(self.std), "input_shape": list(self.input_shape),

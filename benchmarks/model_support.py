@@ -20,8 +20,7 @@ import carprune as cp
 from carprune import io
 from carprune.commands.common import table
 from carprune.groups import Surgery
-from carprune.scoring import ScoringSet
-from carprune.scoring.fast import plan_layer
+from carprune.scoring import FastEngine, ScoringSet
 
 MODELS = ["torchvision.models:resnet18", "torchvision.models:resnet50",
           "torchvision.models:mobilenet_v2", "torchvision.models:mobilenet_v3_small",
@@ -39,7 +38,8 @@ def check(name: str, size: int) -> dict:
     scoring = ScoringSet.from_any(TensorDataset(x, y), 1000)
     surgery = Surgery(copy.deepcopy(model), scoring.example())
     layers = surgery.conv_layers()
-    fast = sum(plan_layer(surgery, n) is not None for n in layers)
+    engine = FastEngine()
+    fast = sum(engine.plan(surgery, n) is not None for n in layers)
     chosen = [layers[0], layers[len(layers) // 2]]
     start = time.perf_counter()
     pruned = cp.car_prune(model, scoring, chosen, keep=0.9, step=64, progress=False).model

@@ -81,16 +81,21 @@ def test_prune_end_to_end_outputs(tmp_path, fmnist):
 
 
 def test_bench_overall_by_hand(baseline):
-    from carprune.bench import LayerBench, overall_speedup, run_candidates
+    from carprune.bench import LayerBench, by_kind, overall_speedup, run_candidates
 
     assert run_candidates(baseline, ["conv1", "conv3"], 0.5) == {
         "conv1": sum(range(17, 33)), "conv3": sum(range(33, 65))}
-    rows = [LayerBench("conv1", 10, 20.0, 5.0, 4.0, [], []),
-            LayerBench("conv3", 20, 10.0, 1.0, 0.5, [], [])]
+    rows = [LayerBench("conv1", "plain", 10, 20.0, 5.0, 4.0, [], []),
+            LayerBench("conv3", "plain", 20, 10.0, 1.0, 0.5, [], [])]
     cands = {"conv1": 100, "conv3": 50}
     # naive: 2 s and 0.5 s a candidate; fast: 0.5 s and 0.05 s
     assert overall_speedup(rows, cands) == pytest.approx((200 + 25) / (50 + 2.5))
     assert overall_speedup(rows, cands, run_seconds=45.0) == pytest.approx(225 / 45)
+    kinds = by_kind(rows + [LayerBench("x", "residual", 4, 8.0, 2.0, 0.0, [1], [2])])
+    assert [k["kind"] for k in kinds] == ["plain", "residual"]
+    assert kinds[0]["speedup"] == pytest.approx(30 / 6)
+    assert kinds[0]["fast_over_bound"] == pytest.approx(6 / 4.5) and kinds[0]["identical"]
+    assert kinds[1]["fast_over_bound"] is None and not kinds[1]["identical"]
 
 
 def test_bench_end_to_end_small(tmp_path):

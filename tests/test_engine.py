@@ -9,9 +9,10 @@ from carprune import compensation
 from carprune.groups import Surgery, Unit
 from carprune.prune import car_prune
 from carprune.scoring import FastEngine, NaiveEngine, ScoringSet
-from carprune.scoring.fast import plan_layer
+from carprune.scoring.fast import _Plan, plan_layer
+from carprune.scoring.masked import MaskPlan
 
-from .conftest import subset
+from .conftest import quick_trained, subset
 
 
 def assert_same_tallies(model, layers, scoring, every=1, compensate=False, **fast_kwargs):
@@ -42,7 +43,34 @@ def test_resnet_plain_and_residual_units(small_resnet, scoring):
     surgery = assert_same_tallies(small_resnet, ["layer1.0.conv1", "layer3.2.conv1",
                                                  "layer2.0.conv2", "conv1"], scoring)
     assert plan_layer(surgery, "layer3.2.conv1") is not None
-    assert plan_layer(surgery, "layer2.0.conv2") is None  # residual: the general path
+    assert plan_layer(surgery, "layer2.0.conv2") is None  # residual: the masked tail
+    assert isinstance(FastEngine().plan(surgery, "layer2.0.conv2"), MaskPlan)
+
+
+@pytest.fixture(scope="module")
+def zoo(fmnist, small_resnet, concat_net):
+    return {"resnet20": small_resnet, "concat": concat_net,
+            "mobilenet": quick_trained("mobilenet", fmnist, width=8),
+            "inception": quick_trained("inception", fmnist, width=8)}
+
+
+KINDS = {"resnet20": {"plain", "residual"}, "concat": {"plain", "branch", "concat"},
+         "mobilenet": {"plain", "depthwise"}, "inception": {"plain", "branch", "concat"}}
+
+
+@pytest.mark.parametrize("name", sorted(KINDS))
+def test_every_unit_kind_scores_fast_and_exactly(zoo, scoring, name):
+    """Every layer of four zoo networks: the fast engine's tallies are the naive engine's, no
+    layer falls back to naive, and the depthwise chains score at their linear consumer."""
+    few = scoring.subset(150)
+    surgery = Surgery(copy.deepcopy(zoo[name]).eval(), few.example())
+    layers = surgery.conv_layers()
+    assert {surgery.kind(n) for n in layers} == KINDS[name]
+    assert_same_tallies(zoo[name], layers, few, every=3)
+    engine = FastEngine()
+    plans = {n: engine.plan(surgery, n) for n in layers}
+    assert all(isinstance(p, _Plan | MaskPlan) for p in plans.values())
+    assert all(isinstance(plans[n], _Plan) for n in layers if surgery.kind(n) == "depthwise")
 
 
 def test_concatenation_network(concat_net, scoring):
@@ -97,3 +125,15 @@ def test_identical_pick_sequences_resnet(small_resnet, scoring):
     fast = car_prune(small_resnet, scoring, layers, keep=0.75, engine="fast", progress=False)
     for name in layers:
         assert naive.layers[name].removed == fast.layers[name].removed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, layers", [("resnet20", ["conv1", "layer3.0.conv2"]),
+                                          ("mobilenet", ["block2.pw.conv", "stem.conv"]),
+                                          ("inception", ["mixed1.branch3.conv", "stem.conv"])])
+def test_identical_pick_sequences_every_kind(zoo, scoring, name, layers):
+    few = scoring.subset(200)
+    naive, fast = (car_prune(zoo[name], few, layers, keep=0.75, engine=engine, progress=False)
+                   for engine in ("naive", "fast"))
+    for layer in layers:
+        assert naive.layers[layer].removed == fast.layers[layer].removed

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import carprune as cp
-from carprune.groups import Surgery
+from carprune.groups import Surgery, Unit
 from carprune.measure import macs_params
 from carprune.prune import efficiency, global_car_prune
 
@@ -95,15 +95,10 @@ def test_first_global_picks_equal_a_cost_weighted_brute_force(tiny, fmnist):
         assert steps[0].cost == by_hand_cost(tiny, *expected[0])
 
 
-def test_global_screen_rescores_only_the_first_few(tiny, fmnist, monkeypatch):
+def candidates_scored(monkeypatch) -> list[int]:
+    """The number of candidates of every scoring call global CAR makes from now on."""
     from carprune import prune
 
-    scoring = subset(fmnist.val, 200)
-    exact, exact_steps = global_car_prune(tiny, scoring, target=0.5, min_keep=0.0,
-                                          progress=False)
-    _, wide = global_car_prune(tiny, scoring, target=0.5, min_keep=0.0, screen=16,
-                               progress=False)  # 16 = every unit: the exact run
-    assert [(s.layer, s.removed) for s in wide] == [(s.layer, s.removed) for s in exact_steps]
     calls = []
     make = prune.make_engine
 
@@ -115,6 +110,18 @@ def test_global_screen_rescores_only_the_first_few(tiny, fmnist, monkeypatch):
         return engine
 
     monkeypatch.setattr(prune, "make_engine", spy)
+    return calls
+
+
+def test_global_screen_rescores_only_the_first_few(tiny, fmnist, monkeypatch):
+
+    scoring = subset(fmnist.val, 200)
+    exact, exact_steps = global_car_prune(tiny, scoring, target=0.5, min_keep=0.0,
+                                          progress=False)
+    _, wide = global_car_prune(tiny, scoring, target=0.5, min_keep=0.0, screen=16,
+                               progress=False)  # 16 = every unit: the exact run
+    assert [(s.layer, s.removed) for s in wide] == [(s.layer, s.removed) for s in exact_steps]
+    calls = candidates_scored(monkeypatch)
     _, screened = global_car_prune(tiny, scoring, target=0.5, min_keep=0.0, screen=3,
                                    progress=False)
     assert calls[0] == 16 and set(calls[1:-1]) == {3} and calls[-1] == 0  # last: the base
@@ -295,3 +302,69 @@ def test_factory_model_through_the_cli(tmp_path, fmnist):
     assert (tmp_path / "run" / "filters_kept.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     reloaded = cp.load(tmp_path / "run")
     assert reloaded(fmnist.test.tensors[0][:2]).shape == (2, 10)
+
+
+def test_first_order_estimate_is_the_derivative_of_each_images_loss(tiny, fmnist):
+    """A unit's estimate is the sum over images of |d loss_n / d s| at s = 1, where s scales
+    the unit's channel at its mask point: checked against central differences of the
+    network's per-image losses, in double precision."""
+    from carprune.scoring import ScoringSet
+    from carprune.scoring.first_order import first_order
+    from carprune.scoring.graph import trace
+    from carprune.scoring.masked import mask_points
+
+    scoring = ScoringSet.from_any(subset(fmnist.val, 64), 10)
+    surgery = Surgery(copy.deepcopy(tiny).eval(), scoring.example())
+    estimate = first_order(surgery, ["conv2", "conv3"], scoring)
+    x, y = scoring.batches[0]
+    surgery.model.double()
+    for layer, channel in (("conv2", 1), ("conv3", 4)):
+        makers, points = mask_points(trace(surgery.model), surgery, layer)
+        point = makers[points[0]]
+        idxs = surgery.producing(layer, channel)[point]
+
+        def losses(scale, point=point, idxs=idxs):
+            def hook(module, inputs, output):
+                output = output.clone()
+                output[:, idxs] *= scale
+                return output
+            handle = surgery.modules[point].register_forward_hook(hook)
+            with torch.no_grad():
+                out = F.cross_entropy(surgery.model(x.double()), y, reduction="none")
+            handle.remove()
+            return out
+
+        eps = 1e-5
+        numeric = ((losses(1 + eps) - losses(1 - eps)) / (2 * eps)).abs().sum()
+        assert len(points) == 1
+        assert estimate[Unit(layer, channel)] == pytest.approx(float(numeric), rel=1e-3)
+
+
+def test_shortlist_scores_only_the_shortlist_from_the_first_round(tiny, fmnist, monkeypatch,
+                                                                    capsys):
+    scoring = subset(fmnist.val, 200)
+    calls = candidates_scored(monkeypatch)
+    result, steps = global_car_prune(tiny, scoring, target=0.6, min_keep=0.0, shortlist=5,
+                                     step=2)
+    # the estimate first: 1, then 2, then 10 candidates (or all) of each layer of 4, 6, 6
+    timed = 9
+    assert calls[:timed] == [1, 2, 4, 1, 2, 6, 1, 2, 6]
+    assert calls[timed:-1] and set(calls[timed:-1]) == {5} and calls[-1] == 0
+    assert all(len(s.removed) <= 2 for s in steps) and steps[-1].remaining <= 0.6
+    out = capsys.readouterr().out
+    assert "one exact scoring round takes about" in out and "--shortlist 5, --step 2" in out
+    assert "round 1: scored 5 units in" in out
+
+
+def test_the_run_estimate_is_arithmetic_on_the_timed_costs():
+    from carprune import estimate
+
+    costs = {"a": (1.0, 0.5), "b": (0.0, 2.0)}  # (fixed seconds a call, seconds a candidate)
+    sizes = {"a": 10, "b": 5}
+    assert estimate.round_seconds(costs, sizes) == 1 + 5 + 10
+    mean = 16 / 15
+    # exact: 3 rounds of one removal each, over 15, 14 and 13 units (15 - 3/2 on average)
+    assert estimate.run_seconds(costs, sizes, 3, 1, None, None, 0.0) == (3, 3 * 13.5 * mean)
+    assert estimate.run_seconds(costs, sizes, 6, 4, 2, None, 0.0) == (2, 15 * mean + 2 * mean)
+    assert estimate.run_seconds(costs, sizes, 6, 4, None, 8, 3.0) == (2, 2 * (3 + 8 * mean))
+    assert estimate.say(42) == "42 s" and estimate.say(450) == "7.5 min"

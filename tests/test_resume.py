@@ -1,7 +1,9 @@
 """Long runs that survive: kills, interrupted writes, full disks, changed configurations."""
 
+import dataclasses
 import errno
 import json
+import math
 import os
 import random
 import signal
@@ -12,21 +14,22 @@ import time
 import pytest
 import torch
 
+import carprune as cp
 from carprune import CarpruneError
 from carprune.io import atomic_write
-from carprune.prune import LayerRecord, car_prune
+from carprune.prune import LayerRecord, car_prune, global_car_prune
 from carprune.resume import STATE_DIR, RunState
 
-from .conftest import subset
+from .conftest import quick_trained, subset
 
 ARGS = ["prune", "convnet-fmnist", "--layers", "conv3", "conv1", "--keep", "0.875",
         "--score-samples", "150", "--train-samples", "1024", "--finetune-epochs", "4"]
 
 
-def start(out, *extra):
+def start(out, *extra, args=ARGS):
     # SIGINT back to its default in the child: a shell running the tests in the background
     # ignores it, and Python then never turns Ctrl-C into KeyboardInterrupt
-    return subprocess.Popen([sys.executable, "-m", "carprune", *ARGS, "--out", str(out), *extra],
+    return subprocess.Popen([sys.executable, "-m", "carprune", *args, "--out", str(out), *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
@@ -146,3 +149,98 @@ def test_compensated_replay_rebuilds_the_same_weights(baseline, fmnist):
     assert resumed.layers["conv2"].removed == whole.layers["conv2"].removed
     theirs = resumed.model.state_dict()
     assert all(torch.equal(v, theirs[k]) for k, v in whole.model.state_dict().items())
+
+
+@pytest.fixture(scope="module")
+def tiny(fmnist):
+    torch.manual_seed(0)
+    return quick_trained("convnet", fmnist, n=2000, widths=(6, 8, 8), hidden=16)
+
+
+def small_fashion_mnist() -> cp.data.Data:
+    """A thousand images a split, for the global kill test's processes (--data)."""
+    data = cp.data.fashion_mnist()
+    return dataclasses.replace(data, name="fashion-mnist-small",
+                               **{s: subset(getattr(data, s), 1000)
+                                  for s in ("train", "val", "test")})
+
+
+def saved_rounds(out) -> int:
+    state = out / STATE_DIR / "state.json"
+    return len(json.loads(state.read_text())["global"]["rounds"]) if state.exists() else 0
+
+
+def says(proc, text):
+    """A test that reads what `proc` wrote to stderr so far, true once it holds `text`."""
+    seen = []
+
+    def ready() -> bool:
+        seen.append(os.read(proc.stderr.fileno(), 4096).decode(errors="replace"))
+        return text in "".join(seen)
+    return ready
+
+
+def kill_when(proc, ready) -> None:
+    """SIGKILL `proc` as soon as `ready()` holds; it must still be running then."""
+    deadline = time.time() + 300
+    while not ready():
+        assert time.time() < deadline and proc.poll() is None, proc.stderr.read()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.slow
+def test_global_run_killed_in_its_first_round_and_later_resumes_identically(tiny, tmp_path):
+    cp.save(tiny, tmp_path / "tiny")
+    args = ["prune", str(tmp_path / "tiny"), "--data", "tests.test_resume:small_fashion_mnist",
+            "--target-macs", "0.4", "--screen", "4", "--score-samples", "500",
+            "--finetune-epochs", "0"]
+    ref = tmp_path / "ref"
+    proc = start(ref, args=args)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    reference = json.loads((ref / "result.json").read_text())
+    rounds = len(reference["global"]["steps"])  # one unit a round
+    out = tmp_path / "killed"
+
+    proc = start(out, args=args)  # killed in its first (full) scoring round
+    kill_when(proc, says(proc, "global CAR"))  # its progress bar: the rounds begin
+    assert saved_rounds(out) == 0
+    proc = start(out, args=args)  # killed after some rounds: it goes on from the saved state
+    kill_when(proc, lambda: saved_rounds(out) >= 2)
+    assert 2 <= saved_rounds(out) < rounds
+    proc = start(out, args=args)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+
+    result = json.loads((out / "result.json").read_text())
+    assert result["global"]["steps"] == reference["global"]["steps"]
+    assert result["layers"] == reference["layers"]
+    assert (out / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
+    assert not (out / STATE_DIR).exists()
+
+
+def test_replayed_global_run_with_screen_goes_on_identically(tiny, fmnist, tmp_path):
+    # killed right after saving its third round; resumed from state.json, the run must pick
+    # the same units (the screen ranks by the scores it remembers) and refit the same weights
+    scoring = subset(fmnist.val, 200)
+    kwargs = {"target": 0.5, "min_keep": 0.0, "screen": 3, "compensate": True,
+              "progress": False}
+    whole, steps = global_car_prune(tiny, scoring, **kwargs)
+    state = RunState.open(tmp_path / "run", {"a": 1})
+
+    def save_then_die(progress):
+        state.save_global(progress)
+        if len(progress.rounds) == 3:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        global_car_prune(tiny, scoring, **kwargs, on_round=save_then_die)
+    done = RunState.open(tmp_path / "run", {"a": 1}).global_progress()
+    assert len(done.rounds) == 3 < len(steps) and done.last
+    assert all(math.isnan(st.val_accuracy) for st in done.rounds[-1])
+    resumed, resumed_steps = global_car_prune(tiny, scoring, **kwargs, done=done)
+    assert [dataclasses.asdict(st) for st in resumed_steps] == \
+        [dataclasses.asdict(st) for st in steps]
+    assert resumed.layers == whole.layers and resumed.val_before == whole.val_before
+    theirs = resumed.model.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in whole.model.state_dict().items())
+

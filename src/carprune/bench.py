@@ -1,9 +1,10 @@
 """Fast against naive CAR, same process, same data: the speed-up and how close to its bound.
 
 Per layer: the first S greedy steps with each engine (picks must be identical), seconds per
-candidate, and the lower bound of the fast engine: per candidate and image, the MACs of
-everything after the consumer, at the throughput this machine reaches on the whole network
-(median of 3 full passes over the scoring set).
+candidate, and the lower bound of the fast engine: per candidate and image, the MACs downstream
+of the first operation the unit changes (after the consumer, or the masked tail), at the
+throughput this machine reaches on the whole network (median of 3 full passes over the scoring
+set). Per unit kind (plain, residual, depthwise, concat, branch): the same, summed.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
+from .data import IMAGENET_STATS, normalise
 from .groups import Surgery, Unit
 from .measure import module_macs
 from .prune import PruneResult, car_prune, resolve_keep
 from .scoring import FastEngine, NaiveEngine, ScoringSet, rank
-from .scoring.fast import plan_layer
 from .scoring.naive import full_pass
 from .train import evaluate
 
@@ -29,6 +31,7 @@ from .train import evaluate
 @dataclass
 class LayerBench:
     layer: str
+    kind: str                # the unit kind (groups.Surgery.kind)
     candidates: int          # candidates scored over the S steps
     naive_seconds: float
     fast_seconds: float
@@ -41,12 +44,18 @@ class LayerBench:
         return self.naive_seconds / self.fast_seconds
 
     @property
+    def fast_over_bound(self) -> float | None:
+        return self.fast_seconds / self.bound_seconds if self.bound_seconds else None
+
+    @property
     def identical(self) -> bool:
         return self.picks_naive == self.picks_fast
 
 
 def tail_macs(surgery: Surgery, layer: str, macs: dict[str, int]) -> int:
-    plan = plan_layer(surgery, layer)
+    """MACs per image of what a candidate of `layer` recomputes at the least: the fast
+    engine's tail (the whole network where it scores naively)."""
+    plan = FastEngine().plan(surgery, layer)
     if plan is None:
         return sum(macs.values())
     called = {n.target for n in plan.tail.graph.nodes if n.op == "call_module"}
@@ -93,9 +102,65 @@ def bench_layers(model: nn.Module, scoring: ScoringSet, layers: list[str], steps
         picks_n, cands, t_naive = _greedy(NaiveEngine(), naive_s, layer, scoring, steps)
         progress(f"bench {layer}: fast engine, {steps} steps ...")
         picks_f, _, t_fast = _greedy(FastEngine(), fast_s, layer, scoring, steps)
-        rows.append(LayerBench(layer, cands, t_naive, t_fast, bound_per_cand * cands, picks_n,
-                               picks_f))
+        rows.append(LayerBench(layer, fast_s.kind(layer), cands, t_naive, t_fast,
+                               bound_per_cand * cands, picks_n, picks_f))
     return rows, throughput
+
+
+def reference_networks(fmnist, images: int):
+    """The networks `carprune bench --kinds` measures, each with its scoring set: the shipped
+    convnet; resnet20, the depthwise mobilenet and the concatenating inception of the zoo,
+    trained one short epoch on
+    Fashion-MNIST (3 000 images: far from good, but their filters differ); torchvision's
+    resnet18 at 64 px, random weights, on 64 windows of the packages' photographs labelled by
+    its own predictions. `images`: the Fashion-MNIST scoring set. Yields (name, model,
+    scoring set)."""
+    import torchvision
+
+    from . import io
+    from .data import package_photos, photo_windows
+    from .models import create_model
+    from .train import fit
+
+    val = ScoringSet.from_any(TensorDataset(*[t[:images] for t in fmnist.val.tensors]), 10)
+    yield "convnet-fmnist", io.load("convnet-fmnist"), val
+    for name in ("resnet20", "mobilenet", "inception"):
+        torch.manual_seed(0)
+        model = create_model(name)
+        fit(model, TensorDataset(*[t[:3000] for t in fmnist.train.tensors]), epochs=1,
+            progress=False)
+        yield name, model.eval(), val
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    x, _ = photo_windows(package_photos(), per_photo=32, size=64)
+    x = normalise(x[:64], *IMAGENET_STATS)
+    with torch.inference_mode():
+        y = model(x).argmax(1)
+    yield "torchvision resnet18 (64 px)", model, ScoringSet.from_any(TensorDataset(x, y), 1000)
+
+
+def sample_layers(surgery: Surgery, widest: int = 256) -> list[str]:
+    """Per unit kind, its first layer and its last of at most `widest` filters."""
+    by_kind: dict[str, list[str]] = {}
+    for name in surgery.conv_layers():
+        if name == surgery.conv_layers()[0] or surgery.size(name) <= widest:
+            by_kind.setdefault(surgery.kind(name), []).append(name)
+    return [n for names in by_kind.values() for n in dict.fromkeys((names[0], names[-1]))]
+
+
+def by_kind(rows: list[LayerBench]) -> list[dict]:
+    """The per-layer figures summed per unit kind."""
+    out = []
+    for kind in dict.fromkeys(r.kind for r in rows):
+        mine = [r for r in rows if r.kind == kind]
+        naive, fast, bound = (sum(getattr(r, f) for r in mine)
+                              for f in ("naive_seconds", "fast_seconds", "bound_seconds"))
+        out.append({"kind": kind, "layers": len(mine),
+                    "candidates": sum(r.candidates for r in mine), "naive_seconds": naive,
+                    "fast_seconds": fast, "bound_seconds": bound, "speedup": naive / fast,
+                    "fast_over_bound": fast / bound if bound else None,
+                    "identical": all(r.identical for r in mine)})
+    return out
 
 
 def whole_run(model: nn.Module, scoring: ScoringSet, layers: list[str], keep: float,
@@ -153,7 +218,8 @@ def to_json(rows: list[LayerBench], throughput: float, run_seconds: float | None
     return {"scoring_images": scoring_images, "steps": steps, "approximate": approximate,
             "throughput_gmacs": throughput / 1e9, "threads": torch.get_num_threads(),
             "layers": [dict(asdict(r), speedup=r.speedup, identical=r.identical,
-                            fast_over_bound=r.fast_seconds / r.bound_seconds) for r in rows],
+                            fast_over_bound=r.fast_over_bound) for r in rows],
+            "kinds": by_kind(rows),
             "whole_run_seconds": run_seconds, "overall_speedup": overall,
             "identical_picks": all(r.identical for r in rows)}
 

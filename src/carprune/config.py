@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from .criteria import CRITERIA
 from .devices import resolve_device
 from .errors import CarpruneError
-from .prune import check_approximation, check_global, check_keep
+from .prune import check_approximation, check_global, check_keep, check_shortlist
 from .scoring import DEFAULT_MEMORY_BUDGET
 
 
@@ -201,6 +201,9 @@ class PruneConfig(DataOptions):
     step: int = option(1, "filters removed per re-scoring; 1 is exact greedy CAR (default)")
     screen: int | None = option(None, "approximate: after the first full scoring, re-score only "
                                 "the M filters with the lowest CAR index so far")
+    shortlist: int | None = option(None, "approximate, for global runs on big networks: every "
+                                   "round, from the first, score exactly only the M units a "
+                                   "first-order estimate ranks first per saving", positive)
     score_samples: int | None = option(None, "score on the first N val images only (default: "
                                        "all)", positive)
     engine: str = option("fast", "the scoring engine", choices=["fast", "naive"])
@@ -240,8 +243,13 @@ class PruneConfig(DataOptions):
                 raise CarpruneError("--round-to applies to global runs (--target-macs, "
                                     "--target-params or --target-latency-ms); per layer, give "
                                     "--keep as a count of filters")
+            if self.shortlist is not None:
+                raise CarpruneError("--shortlist applies to global runs (--target-macs, "
+                                    "--target-params or --target-latency-ms); per layer, use "
+                                    "--screen")
         else:
             check_global(self.round_to, self.min_keep)
+            check_shortlist(self.shortlist, self.step, self.screen)
         if self.compensate and self.criterion != "car":
             raise CarpruneError(f"--compensate refits layers for CAR; it does not apply to "
                                 f"--criterion {self.criterion}, drop one of the two")
@@ -283,6 +291,9 @@ class BenchConfig(DataOptions):
     steps: int = option(3, "greedy steps per layer (default 3)", at_least(1))
     score_samples: int | None = option(None, "score on the first N val images only", positive)
     keep: float = option(0.5, "keep for the whole timed run", keep_value, type=number)
+    kinds: bool = option(False, "bench every unit kind (plain, residual, depthwise, concat) on "
+                         "the reference networks (convnet-fmnist, resnet20, mobilenet, inception, "
+                         "torchvision resnet18 at 64 px) instead of one checkpoint's layers")
     whole_run: bool = option(False, "also time exact fast CAR of every layer to --keep, end to "
                              "end (about 4 more minutes on two cores)")
     approx: bool = option(False, "also run the approximate modes and report their agreement "
@@ -300,6 +311,9 @@ class ExplainConfig(DataOptions):
     layers: list[str] = option(None, "conv layers to explain", required=True)
     prune_run: str | None = option(None, "a carprune prune output directory: mark its CAR "
                                    "removal order")
+    shortlist: int | None = option(None, "approximate, for global runs on big networks: every "
+                                   "round, from the first, score exactly only the M units a "
+                                   "first-order estimate ranks first per saving", positive)
     score_samples: int | None = option(None, "score on the first N val images only (default: "
                                        "all)", positive)
     engine: str = option("fast", "the scoring engine", choices=["fast", "naive"])

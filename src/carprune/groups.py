@@ -24,7 +24,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 
 from .errors import CarpruneError
 
-_NORMS = (_BatchNorm, _InstanceNorm, nn.GroupNorm)
+NORMS = (_BatchNorm, _InstanceNorm, nn.GroupNorm)
 
 
 @dataclass(frozen=True)
@@ -136,16 +136,24 @@ class Surgery:
                                    for c in range(self.size(layer))}
         return [(dep, idxs) for dep, idxs in self._groups[layer][channel] if idxs]
 
-    def producers(self, layer: str, channel: int) -> list[tuple[torch.Tensor, list[int]]]:
-        """(parameter, indices along dim 0) of everything that produces the unit's channel."""
-        out = []
+    def producing(self, layer: str, channel: int) -> dict[str, list[int]]:
+        """Module name -> output indices of everything whose parameters make the unit's channel
+        (conv and linear rows, depthwise convs, affine norms): ablating the unit zeroes those
+        outputs, and nothing else."""
+        out: dict[str, list[int]] = {}
         for dep, idxs in self.unit_group(layer, channel):
             m = dep.target.module
             is_out = self.dg.is_out_channel_pruning_fn(dep.handler)
             if isinstance(m, (nn.Conv2d, nn.Linear)) and (is_out or is_depthwise(m)) \
-                    or isinstance(m, _NORMS) and getattr(m, "affine", True):
-                out += [(p, list(idxs)) for p in (m.weight, m.bias) if p is not None]
+                    or isinstance(m, NORMS) and getattr(m, "affine", True):
+                name = self.names[m]
+                out[name] = sorted({*out.get(name, []), *idxs})
         return out
+
+    def producers(self, layer: str, channel: int) -> list[tuple[torch.Tensor, list[int]]]:
+        """(parameter, indices along dim 0) of everything that produces the unit's channel."""
+        return [(p, idxs) for name, idxs in self.producing(layer, channel).items()
+                for p in (self.modules[name].weight, self.modules[name].bias) if p is not None]
 
     def consumers(self, layer: str, channel: int) -> list[tuple[str, list[int]]]:
         """(layer name, input indices) of every conv/linear that reads the unit's channel."""
@@ -158,13 +166,28 @@ class Surgery:
                 out.append((names[m], list(idxs)))
         return out
 
-    def coupled(self, layer: str) -> bool:
-        """True when other layers produce the same channels (residual sums, depthwise chains)."""
-        producing = [dep.target.module for dep, _ in self.unit_group(layer, 0)
-                     if isinstance(dep.target.module, (nn.Conv2d, nn.Linear))
-                     and (self.dg.is_out_channel_pruning_fn(dep.handler)
-                          or is_depthwise(dep.target.module))]
-        return len(set(map(id, producing))) > 1
+    def kind(self, layer: str) -> str:
+        """The layer's unit kind: depthwise (a depthwise conv carries its channels), residual
+        (other layers make the same channels: a residual stage, a squeeze-excitation scale),
+        concat (a consumer reads them among other layers' channels), branch (several layers
+        read them) or plain."""
+        if any(is_depthwise(self.modules[n]) for n in self.producing(layer, 0)):
+            return "depthwise"
+        if self.coupled(layer, depthwise=False):
+            return "residual"
+        consumers = self.consumers(layer, 0)
+        if any(isinstance(self.modules[n], nn.Conv2d)
+               and self.modules[n].in_channels != self.size(layer) for n, _ in consumers):
+            return "concat"
+        return "branch" if len(consumers) > 1 else "plain"
+
+    def coupled(self, layer: str, depthwise: bool = True) -> bool:
+        """True when other layers make the same channels: residual sums, and (unless
+        `depthwise` is False) depthwise convs."""
+        makers = [n for n in self.producing(layer, 0)
+                  if isinstance(self.modules[n], (nn.Conv2d, nn.Linear))
+                  and (depthwise or not is_depthwise(self.modules[n]))]
+        return len(makers) > 1
 
     # -- operations -------------------------------------------------------------------------
     @contextlib.contextmanager

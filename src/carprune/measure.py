@@ -13,7 +13,7 @@ from torch import nn
 
 from .devices import device_of
 from .errors import CarpruneError
-from .groups import _NORMS, Surgery, is_depthwise
+from .groups import NORMS, Surgery, is_depthwise
 
 
 def macs_params(model: nn.Module, input_shape: Sequence[int]) -> tuple[int, int]:
@@ -55,7 +55,7 @@ def unit_costs(surgery: Surgery, layer: str, kind: str = "macs") -> list[float]:
         total = 0.0
         for dep, idxs in surgery.unit_group(layer, channel):
             m = dep.target.module
-            if isinstance(m, _NORMS) and kind == "params":
+            if isinstance(m, NORMS) and kind == "params":
                 total += 2 * len(idxs)
             if not isinstance(m, (nn.Conv2d, nn.Linear)):
                 continue

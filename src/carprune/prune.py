@@ -10,10 +10,11 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import compensation, dist, measure
+from . import compensation, dist, estimate, measure
 from .errors import CarpruneError
 from .groups import Surgery, Unit
 from .scoring import (
@@ -25,6 +26,7 @@ from .scoring import (
     make_engine,
     rank,
 )
+from .scoring.first_order import first_order
 
 
 @dataclass
@@ -104,6 +106,17 @@ def check_global(round_to: int, min_keep: float) -> None:
         raise CarpruneError(f"--round-to must be a whole number >= 1, got {round_to}")
     if not 0 <= min_keep < 1:
         raise CarpruneError(f"--min-keep must be a fraction in [0, 1), got {min_keep}")
+
+
+def check_shortlist(shortlist: int | None, step: int, screen: int | None) -> None:
+    """`shortlist` (global runs only) replaces `screen` and must hold a round's `step`."""
+    if shortlist is None:
+        return
+    if screen is not None:
+        raise CarpruneError("give --shortlist or --screen, not both: both choose the units a "
+                            "round scores")
+    if shortlist < step:
+        raise CarpruneError(f"--shortlist must be at least --step ({step}), got {shortlist}")
 
 
 def _open(model: nn.Module, data, num_classes: int | None,
@@ -315,6 +328,20 @@ class GlobalStep:
     remaining: float            # the budgeted quantity left, as a fraction of the original
 
 
+@dataclass
+class GlobalProgress:
+    """What a global run has done so far, and all it needs to go on after a kill: its steps
+    round by round, what its ranking remembers of each unit's last exact scoring ((layer,
+    original index) -> (images lost, loss gained)) over how many scored images, its scoring
+    accuracy before, and what its budget measured (`_Budget.snapshot`)."""
+
+    rounds: list[list[GlobalStep]]
+    last: dict[tuple[str, int], tuple[int, float]]
+    images: int
+    val_before: float | None
+    meter: dict
+
+
 def efficiency(lost: float, saved: float) -> float:
     """Global CAR's ranking key, lowest first: what a removal loses per unit of cost it saves.
     A removal that gains (lost < 0) ranks by gain times saving instead, so that of two equal
@@ -335,15 +362,15 @@ class _Block:
 
 
 def _blocks(layer: str, rank: int, units: list[tuple[int, float, int, int, int]], room: int,
-            round_to: int) -> list[_Block]:
+            round_to: int, size: int) -> list[_Block]:
     """One layer's removals in the order they may go. Its units (channel, saving, images lost,
-    loss gained, original index) are ranked by their own efficiency and cut into blocks that
-    each leave a multiple of `round_to` filters (the first block takes the remainder), at most
-    `room` units in all. A block ranks by its summed loss per summed saving, never before the
-    block ahead of it in its layer."""
+    loss gained, original index; all `size` of the layer's, or a shortlist) are ranked by their
+    own efficiency and cut into blocks that each leave a multiple of `round_to` filters (the
+    first block takes the remainder), at most `room` units in all. A block ranks by its
+    summed loss per summed saving, never before the block ahead of it in its layer."""
     ranked = sorted(units, key=lambda u: (*_own_key(u[2], u[3], u[1]), u[4]))
-    blocks, at, width, worst = [], 0, len(units) % round_to or round_to, ()
-    while at + width <= room:
+    blocks, at, width, worst = [], 0, size % round_to or round_to, ()
+    while at + width <= min(room, len(units)):
         part = ranked[at:at + width]
         saved = sum(u[1] for u in part)
         worst = max(worst, _own_key(sum(u[2] for u in part), sum(u[3] for u in part), saved))
@@ -369,8 +396,10 @@ def global_car_prune(model: nn.Module, data, target: float, layers: Sequence[str
                      step: int = 1, screen: int | None = None, ignore: Sequence[str] = (),
                      round_to: int = 1, compensate: bool = False, engine: str = "fast",
                      memory_budget: int = DEFAULT_MEMORY_BUDGET, num_classes: int | None = None,
-                     progress: bool = True, inplace: bool = False) -> tuple[PruneResult,
-                                                                            list[GlobalStep]]:
+                     progress: bool = True, inplace: bool = False,
+                     shortlist: int | None = None, done: GlobalProgress | None = None,
+                     on_round: Callable[[GlobalProgress], None] | None = None
+                     ) -> tuple[PruneResult, list[GlobalStep]]:
     """Global CAR under a budget: every step scores the units of all `layers` (default: every
     prunable conv) and removes the one that loses the least scoring accuracy per unit of `cost`
     it saves, until the network meets the target.
@@ -385,15 +414,21 @@ def global_car_prune(model: nn.Module, data, target: float, layers: Sequence[str
     screen: an approximation, as in `car_prune`: after the first full scoring, each round
     re-scores only the `screen` units that rank first by their last exact scores (at today's
     costs); the rest keep their old scores.
+    shortlist: an approximation for networks too big for exact rounds: every round, from the
+    first, scores exactly only the `shortlist` units that a first-order estimate of their
+    absence (scoring/first_order.py, one forward and backward pass) ranks first per saving,
+    and removes the best `step` of them.
     round_to: every layer the run prunes keeps a multiple of this many filters (CPU and GPU
     convolutions run fastest on widths that fill their vector registers, e.g. 8 or 16): a
     layer's units go in blocks, its next `round_to` by their own scores, ranked by the block's
     summed loss per summed saving; a round removes blocks until it has removed `step` units.
     compensate: as in `car_prune`, every candidate is scored, and every removal made, with
     its consumers refit by least squares.
+    done: the progress of an interrupted run; its removals are replayed first.
+    on_round: called with the progress so far after every round (to save state).
     """
     cost = cost or budget
-    _check_global(target, budget, cost, min_keep, step, screen, round_to)
+    _check_global(target, budget, cost, min_keep, step, screen, round_to, shortlist)
     start = time.perf_counter()
     model, scoring, surgery = _open(model, data, num_classes, inplace)
     leaders = group_leaders(surgery, _global_layers(surgery, layers, ignore))
@@ -402,12 +437,12 @@ def global_car_prune(model: nn.Module, data, target: float, layers: Sequence[str
     meter = _Budget(budget, cost, target, model, scoring.example().shape[1:], surgery, leaders)
     run = _start(surgery, scoring, engine, memory_budget, compensate)
     ranking = _Ranking(surgery, leaders, floors, round_to)
-    bar = tqdm(total=round(100 * (1 - meter.target)),
-               desc=f"global CAR to {meter.target:.0%} {budget}", unit="%",
-               disable=not (progress and dist.is_main()))
-    steps: list[GlobalStep] = []
+    rounds = _replay_rounds(run, meter, ranking, records, done)
+    mode = _Mode(step, screen, shortlist, progress and dist.is_main())
+    if progress and meter.left > meter.target:  # every process scores the timed candidates
+        _estimate(run, meter, ranking, mode)
     while meter.left > meter.target:
-        removals = _round(run, meter, ranking, step, screen, records, bar)
+        removals = _round(run, meter, ranking, mode, records, len(rounds) + 1)
         if removals is None:
             blocked = " or a --round-to block above it" if round_to > 1 else ""
             warnings.warn(f"every layer is at its --min-keep floor{blocked} with "
@@ -415,13 +450,56 @@ def global_car_prune(model: nn.Module, data, target: float, layers: Sequence[str
                           f"{meter.target:.0%}; lower --min-keep"
                           f"{' or --round-to' if round_to > 1 else ''}", stacklevel=2)
             break
-        steps += removals
-    bar.close()
-    return _finish(model, run, records, start), steps
+        rounds.append(removals)
+        if on_round is not None:
+            on_round(GlobalProgress(rounds, ranking.last, ranking.images, run.val_before,
+                                    meter.snapshot()))
+    return _finish(model, run, records, start), [st for r in rounds for st in r]
+
+
+def _estimate(run: _Run, meter: _Budget, ranking: _Ranking, mode: _Mode) -> None:
+    """Before the first round: time a few candidates of each layer and say what an exact round
+    and this run will take (estimate.py)."""
+    layers = ranking.open_layers()
+    sizes = {n: run.surgery.size(n) for n in layers}
+    per = estimate.layer_costs(run.scorer, run.surgery, layers, run.scoring)
+    start = time.perf_counter()
+    if mode.shortlist:
+        first_order(run.surgery, layers, run.scoring)
+    units = sum(sizes.values())
+    rounds, seconds = estimate.run_seconds(per, sizes, round(units * (1 - meter.target)),
+                                           mode.step, mode.screen, mode.shortlist,
+                                           time.perf_counter() - start)
+    how = (f"--shortlist {mode.shortlist}" if mode.shortlist else
+           f"--screen {mode.screen}" if mode.screen else "exact") + f", --step {mode.step}"
+    if mode.show:
+        tqdm.write(f"global CAR: {units} units in {len(layers)} groups on {run.scoring.total} "
+                   f"images; one exact scoring round takes about "
+                   f"{estimate.say(estimate.round_seconds(per, sizes))} (timed "
+                   f"{sum(estimate.SAMPLE) + 1} candidates a group); this run ({how}): "
+                   f"about {rounds} rounds, {estimate.say(seconds)}")
+
+
+def _replay_rounds(run: _Run, meter: _Budget, ranking: _Ranking, records: dict[str, LayerRecord],
+                   done: GlobalProgress | None) -> list[list[GlobalStep]]:
+    """Redo an interrupted global run's removals in order (refits included) and restore what
+    its ranking and budget knew, so that the run goes on where it stopped; the steps it never
+    measured wait for the next scoring pass. Returns its rounds (none for a fresh run)."""
+    if done is None:
+        return []
+    for past in (st for r in done.rounds for st in r):
+        run.remove(past.layer, [run.surgery.alive[past.layer].index(o) for o in past.removed])
+        records[past.layer].removed += past.removed
+        records[past.layer].filters_after = run.surgery.size(past.layer)
+    ranking.last, ranking.images = dict(done.last), done.images
+    meter.restore(done.meter)
+    run.val_before = done.val_before
+    run.pending = [st for r in done.rounds for st in r if math.isnan(st.val_accuracy)]
+    return list(done.rounds)
 
 
 def _check_global(target: float, budget: str, cost: str, min_keep: float, step: int,
-                  screen: int | None, round_to: int) -> None:
+                  screen: int | None, round_to: int, shortlist: int | None = None) -> None:
     """Refuse settings of global CAR that make no sense, before any work."""
     for kind in (budget, cost):
         if kind not in ("macs", "params", "latency"):
@@ -431,6 +509,7 @@ def _check_global(target: float, budget: str, cost: str, min_keep: float, step: 
                             f"{budget}, got {target}")
     check_approximation(step, screen)
     check_global(round_to, min_keep)
+    check_shortlist(shortlist, step, screen)
 
 
 def _global_layers(surgery: Surgery, layers: Sequence[str] | None,
@@ -462,6 +541,17 @@ class _Budget:
         self.left = 1.0
         # a latency cost: milliseconds per unit of each layer, measured once at the start
         self.per_unit = measure.latency_costs(surgery, leaders) if cost == "latency" else {}
+
+    def snapshot(self) -> dict:
+        """What the budget knows, JSON-ready: a resumed run goes on with the latencies the
+        interrupted one measured, not new ones."""
+        return {"original": self.original, "target": self.target, "left": self.left,
+                "per_unit": self.per_unit}
+
+    def restore(self, saved: dict) -> None:
+        """Go on from what `snapshot` returned in an interrupted run."""
+        self.original, self.target = saved["original"], saved["target"]
+        self.left, self.per_unit = saved["left"], dict(saved["per_unit"])
 
     def amount(self) -> float:
         """The budgeted quantity of the network as it is now (a latency is measured anew)."""
@@ -526,43 +616,77 @@ class _Ranking:
         return (*_own_key(*self.last[unit.layer, original], saved),
                 self.leaders.index(unit.layer), original)
 
-    def screened(self, saving_of: dict[Unit, float], screen: int | None) -> list[Unit]:
-        """The units a round scores: all, or once each has a score, the `screen` that rank
-        first by their last scores."""
+    def screened(self, saving_of: dict[Unit, float], screen: int | None,
+                 shortlist: int | None, scoring: ScoringSet) -> list[Unit]:
+        """The units a round scores: all; or once each has a score, the `screen` that rank
+        first by their last scores; or the `shortlist` that rank first by their first-order
+        estimate per saving (summed over all processes)."""
         units = list(saving_of)
-        if screen and self.last:
+        if shortlist:
+            estimate = first_order(self.surgery, list(dict.fromkeys(u.layer for u in units)),
+                                   scoring)
+            values = torch.tensor([estimate[u] for u in units], dtype=torch.float64)
+            if dist.active():
+                dist.all_reduce_tensor(values)
+            key = {u: (float(v) / max(saving_of[u], 1e-12), self.leaders.index(u.layer),
+                       u.channel) for u, v in zip(units, values, strict=True)}
+            units = sorted(units, key=key.__getitem__)[:shortlist]
+        elif screen and self.last:
             units = sorted(units, key=lambda u: self.unit_key(u, saving_of[u]))[:screen]
         return units
 
-    def blocks(self, layers: Sequence[str], saving_of: dict[Unit, float]) -> list[_Block]:
-        """Every block of `layers` that may go, in each layer's order."""
+    def blocks(self, layers: Sequence[str], saving_of: dict[Unit, float],
+               only: set[Unit] | None = None) -> list[_Block]:
+        """Every block of `layers` (of their units in `only`, when given) that may go, in each
+        layer's order."""
         return [b for n in layers for b in _blocks(
             n, self.leaders.index(n), [(c, saving_of[Unit(n, c)], *self.last[n, o], o)
-                                       for c, o in enumerate(self.surgery.alive[n])],
-            self.surgery.size(n) - self.floors[n], self.round_to)]
+                                       for c, o in enumerate(self.surgery.alive[n])
+                                       if only is None or Unit(n, c) in only],
+            self.surgery.size(n) - self.floors[n], self.round_to, self.surgery.size(n))]
 
     def lost(self, layer: str, channels: Sequence[int]) -> int:
         """Images the absence of each of `channels` lost at its last scoring, summed."""
         return sum(self.last[layer, self.surgery.alive[layer][c]][0] for c in channels)
 
 
-def _round(run: _Run, meter: _Budget, ranking: _Ranking, step: int, screen: int | None,
-           records: dict[str, LayerRecord], bar: tqdm) -> list[GlobalStep] | None:
-    """One round of global CAR: score the (screened) units of the layers above their floors,
-    then remove the best blocks until `step` units have gone or the savings cover what the
-    budget still needs. None when no block can go."""
+@dataclass
+class _Mode:
+    """How global CAR's rounds score: `step` removals a round, and the approximations
+    `screen` or `shortlist` (see global_car_prune); `show` prints progress."""
+
+    step: int
+    screen: int | None
+    shortlist: int | None
+    show: bool
+
+
+def _round(run: _Run, meter: _Budget, ranking: _Ranking, mode: _Mode,
+           records: dict[str, LayerRecord], number: int) -> list[GlobalStep] | None:
+    """One round of global CAR: score the (screened or shortlisted) units of the layers above
+    their floors, with a progress bar, then remove the best blocks until `step` units have
+    gone or the savings cover what the budget still needs. None when no block can go."""
     layers = ranking.open_layers()
     saving_of = meter.savings(layers)
-    units = ranking.screened(saving_of, screen)
+    start = time.perf_counter()
+    units = ranking.screened(saving_of, mode.screen, mode.shortlist, run.scoring)
     if units:
-        base, scores = run.scorer.score(run.surgery, units, run.scoring)
+        with tqdm(total=len(units), desc=f"global CAR round {number}", unit="cand",
+                  leave=False, disable=not mode.show) as bar:
+            base, scores = run.scorer.score(run.surgery, units, run.scoring, bar.update)
         run.measured(float(base.accuracy()[0]))
         ranking.learn(units, base, scores)
-    blocks = ranking.blocks(layers, saving_of)
+    blocks = ranking.blocks(layers, saving_of, set(units) if mode.shortlist else None)
     if not blocks:
         return None
-    return [_take(run, meter, ranking, records, bar, name, chosen)
-            for name, chosen in _pick(blocks, step, meter.need()).items()]
+    removals = [_take(run, meter, ranking, records, name, chosen)
+                for name, chosen in _pick(blocks, mode.step, meter.need()).items()]
+    if mode.show:
+        gone = sum(len(r.removed) for r in removals)
+        tqdm.write(f"round {number}: scored {len(units)} units in "
+                   f"{time.perf_counter() - start:.1f} s, removed {gone}, "
+                   f"{meter.left:.1%} of the {meter.kind} left (target {meter.target:.1%})")
+    return removals
 
 
 def _pick(blocks: list[_Block], step: int, need: float) -> dict[str, list[tuple[int, float]]]:
@@ -579,7 +703,7 @@ def _pick(blocks: list[_Block], step: int, need: float) -> dict[str, list[tuple[
 
 
 def _take(run: _Run, meter: _Budget, ranking: _Ranking, records: dict[str, LayerRecord],
-          bar: tqdm, name: str, chosen: list[tuple[int, float]]) -> GlobalStep:
+          name: str, chosen: list[tuple[int, float]]) -> GlobalStep:
     """Remove a round's picks from one layer; its step records what is left of the budget."""
     channels = [c for c, _ in chosen]
     car = ranking.lost(name, channels) / ranking.images
@@ -589,5 +713,4 @@ def _take(run: _Run, meter: _Budget, ranking: _Ranking, records: dict[str, Layer
     removal = GlobalStep(name, removed, car, sum(s for _, s in chosen), float("nan"),
                          meter.spent())
     run.pending.append(removal)
-    bar.update(max(0, round(100 * (1 - removal.remaining)) - bar.n))
     return removal

@@ -1,10 +1,12 @@
-"""Run directories that survive a kill: state after every greedy step and every epoch.
+"""Run directories that survive a kill: state after every greedy step or global round, and every
+epoch.
 
 DIR/.carprune-state/state.json holds the run's configuration and everything decided so far
-(the CAR steps, the fine-tuning log); the tensors of the current fine-tuning epoch (weights,
-optimizer buffers, RNG states) sit in a safetensors file named in state.json. Every file is
-written atomically and state.json last, so a kill at any instant leaves the old state or the
-new one. Re-running the same command resumes; a different configuration is refused.
+(the CAR steps of a per-layer run, the rounds of a global one, the fine-tuning log); the
+tensors of the current fine-tuning epoch (weights, optimizer buffers, RNG states) sit in a
+safetensors file named in state.json. Every file is written atomically and state.json last, so
+a kill at any instant leaves the old state or the new one. Re-running the same command resumes;
+a different configuration is refused.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from torch import nn
 from . import dist
 from .errors import CarpruneError
 from .io import atomic_write, read_json, write_json
-from .prune import LayerRecord, Step
+from .prune import GlobalProgress, GlobalStep, LayerRecord, Step
 from .train import TrainState
 
 STATE_DIR = ".carprune-state"
@@ -71,8 +73,7 @@ class RunState:
     def layers(self) -> dict[str, LayerRecord]:
         out = {}
         for name, rec in self.saved.get("layers", {}).items():
-            steps = [Step(s["removed"], float("nan") if s["val_accuracy"] is None
-                          else s["val_accuracy"], s["candidates"], s["car"])
+            steps = [Step(s["removed"], _accuracy(s["val_accuracy"]), s["candidates"], s["car"])
                      for s in rec["steps"]]
             out[name] = LayerRecord(rec["filters_before"], rec["filters_after"],
                                     rec["removed"], steps)
@@ -82,9 +83,28 @@ class RunState:
         layers = {name: asdict(rec) for name, rec in records.items()}
         for rec in layers.values():
             for step in rec["steps"]:
-                if step["val_accuracy"] != step["val_accuracy"]:  # NaN: not measured yet
-                    step["val_accuracy"] = None
+                step["val_accuracy"] = _json_accuracy(step["val_accuracy"])
         self.saved.update(layers=layers, val_before=val_before)
+        self._write()
+
+    # -- global CAR rounds ------------------------------------------------------------------
+    def global_progress(self) -> GlobalProgress | None:
+        """What an interrupted global run had done; None when it had not finished a round."""
+        saved = self.saved.get("global")
+        if saved is None:
+            return None
+        rounds = [[GlobalStep(**{**s, "val_accuracy": _accuracy(s["val_accuracy"])}) for s in r]
+                  for r in saved["rounds"]]
+        last = {(layer, original): (lost, worse) for layer, original, lost, worse in saved["last"]}
+        return GlobalProgress(rounds, last, saved["images"], saved["val_before"], saved["meter"])
+
+    def save_global(self, progress: GlobalProgress) -> None:
+        rounds = [[{**asdict(st), "val_accuracy": _json_accuracy(st.val_accuracy)} for st in r]
+                  for r in progress.rounds]
+        self.saved["global"] = {
+            "rounds": rounds, "last": [[*unit, *lost] for unit, lost in progress.last.items()],
+            "images": progress.images, "val_before": progress.val_before,
+            "meter": progress.meter}
         self._write()
 
     # -- fine-tuning ------------------------------------------------------------------------
@@ -144,3 +164,13 @@ class RunState:
                                     f"{self.dir}; free space and run the same command to "
                                     "resume from the last saved step") from None
             raise
+
+
+def _json_accuracy(accuracy: float) -> float | None:
+    """A step's accuracy for JSON: null while the step is not measured yet (NaN)."""
+    return None if accuracy != accuracy else accuracy
+
+
+def _accuracy(value: float | None) -> float:
+    """A step's accuracy read back: NaN for a step not measured yet."""
+    return float("nan") if value is None else value

@@ -18,6 +18,8 @@ from .common import held_in_memory, table
 
 
 def run(config: BenchConfig) -> dict:
+    if config.kinds:
+        return _kinds(config)
     device = resolve_device(config.device)
     model = io.load(config.checkpoint).to(device)
     data = load_data(config.data, config.data_dir, model, config.image_size, config.workers)
@@ -45,19 +47,60 @@ def run(config: BenchConfig) -> dict:
     io.write_json(Path(config.out) / "bench.json", report)
     _print(config, rows, throughput, scoring.total, approximate, run_seconds, candidates,
            overall, report["identical_picks"])
-    if not report["identical_picks"]:
+    _check_identical(report["identical_picks"])
+    return report
+
+
+def _kinds(config: BenchConfig) -> dict:
+    """Per reference network and unit kind: naive against fast, identical picks, bound."""
+    device = resolve_device(config.device)
+    fmnist = load_data("fashion-mnist", config.data_dir)
+    report = {"steps": config.steps, "networks": {}}
+    for name, model, scoring in bench.reference_networks(fmnist, config.score_samples or 512):
+        model, scoring = model.to(device), scoring.to(device)
+        layers = bench.sample_layers(Surgery(model, scoring.example()))
+        print(f"{name}: {', '.join(layers)} ({scoring.total} scoring images)")
+        rows, throughput = bench.bench_layers(model, scoring, layers, config.steps)
+        report["networks"][name] = bench.to_json(rows, throughput, None, None, scoring.total,
+                                                 config.steps)
+        print(_kind_table(report["networks"][name]["kinds"]))
+    kinds = [dict(k, network=n) for n, r in report["networks"].items() for k in r["kinds"]]
+    report["identical_picks"] = all(k["identical"] for k in kinds)
+    io.write_json(Path(config.out) / "bench.json", report)
+    print(_kind_table(kinds))
+    print(f"identical picks: {'yes' if report['identical_picks'] else 'NO'}; written to "
+          f"{Path(config.out) / 'bench.json'}")
+    _check_identical(report["identical_picks"])
+    return report
+
+
+def _kind_table(kinds: list[dict]) -> str:
+    return table([[k.get("network", ""), k["kind"], k["layers"], k["candidates"],
+                   f"{k['naive_seconds']:.2f}", f"{k['fast_seconds']:.2f}",
+                   f"{k['speedup']:.1f}x", f"{k['bound_seconds']:.2f}",
+                   _ratio(k["fast_over_bound"]), "yes" if k["identical"] else "NO"]
+                  for k in kinds],
+                 ["network", "kind", "layers", "candidates", "naive s", "fast s", "speed-up",
+                  "bound s", "fast/bound", "same picks"])
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _check_identical(identical: bool) -> None:
+    if not identical:
         raise CarpruneError("the fast engine chose differently from the naive one; please "
                             "report this with bench.json")
-    return report
 
 
 def _print(config: BenchConfig, rows, throughput: float, images: int, approximate,
            run_seconds, candidates: dict, overall: float, identical: bool) -> None:
-    print(table([[r.layer, r.candidates, f"{r.naive_seconds:.2f}", f"{r.fast_seconds:.2f}",
+    print(table([[r.layer, r.kind, r.candidates, f"{r.naive_seconds:.2f}", f"{r.fast_seconds:.2f}",
                   f"{r.speedup:.1f}x", f"{r.bound_seconds:.2f}",
-                  f"{r.fast_seconds / r.bound_seconds:.2f}", "yes" if r.identical else "NO"]
+                  _ratio(r.fast_over_bound), "yes" if r.identical else "NO"]
                  for r in rows],
-                ["layer", "candidates", "naive s", "fast s", "speed-up", "bound s",
+                ["layer", "kind", "candidates", "naive s", "fast s", "speed-up", "bound s",
                  "fast/bound", "same picks"]))
     print(f"scoring set: {images} images; network throughput "
           f"{throughput / 1e9:.1f} GMAC/s on {torch.get_num_threads()} threads")

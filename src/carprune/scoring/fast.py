@@ -1,7 +1,8 @@
 """The fast exact engine (DESIGN.md, "The fast engine").
 
 For a layer L whose channels reach the rest of the network only through one linear consumer
-(a conv or an FC layer), the network without channel i of L is
+(a conv or an FC layer), across per-channel operations only (its BatchNorm, activations, pools,
+the depthwise conv of an expand-depthwise-project block), the network without channel i of L is
 
     tail( consumer(X) - consumer_i(X_i) , side inputs )
 
@@ -14,13 +15,14 @@ unit i, and tail everything after the consumer. So:
 - candidates are evaluated together, along a candidate dimension, in chunks that fit the memory
   budget.
 
-`torch.fx` splits the model into head and tail. Units whose channel is consumed in several
-places (residual sums, concatenations feeding several layers), models fx cannot trace, and
-grouped consumers fall back to the naive engine, which is exact by construction.
+Every other unit (residual stage channels, channels read by several layers or by
+squeeze-excitation) is scored through the masked tail (masked.py), exact for any graph.
+Models fx cannot trace, and compensated scoring of such units, use the naive engine.
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -32,8 +34,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.utils import _pair
 
 from .. import compensation
-from ..groups import Surgery, Unit
+from ..groups import Surgery, Unit, is_depthwise
 from ._common import Scores, ScoringSet
+from .graph import boundary, descendants, head_module, module_node, tail_graph, trace
+from .masked import MaskPlan, plan_masked, score_masked
 from .naive import NaiveEngine
 
 DEFAULT_MEMORY_BUDGET = 2 * 2**30
@@ -83,80 +87,68 @@ class _Cache:
     sides: list[tuple]            # side inputs per scoring batch
 
 
-def _closure(node: fx.Node, neighbours) -> set[fx.Node]:
-    seen, stack = {node}, [node]
-    while stack:
-        for other in neighbours(stack.pop()):
-            if other not in seen:
-                seen.add(other)
-                stack.append(other)
-    return seen
+_ZERO_KEEPING = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.ELU,
+                 nn.Tanh, nn.Mish, nn.Identity, nn.Dropout, nn.Flatten, nn.MaxPool2d,
+                 nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+_ZERO_FUNCTIONS = {torch.relu, F.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.hardtanh,
+                   torch.tanh, F.dropout, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
+                   torch.flatten, torch.cat, operator.getitem, getattr}
+_ZERO_METHODS = {"relu", "flatten", "view", "reshape", "contiguous", "size"}
 
 
-def _descendants(node: fx.Node) -> set[fx.Node]:
-    return _closure(node, lambda n: n.users)
+def _per_channel(node: fx.Node, modules: dict[str, nn.Module], makers: set[str]) -> bool:
+    """An operation that carries each channel alone and keeps a zeroed channel zero: the
+    unit's own (ablated) norms and depthwise convs, activations with f(0) = 0, pools, reshapes."""
+    if node.op == "call_module":
+        m = modules[node.target]
+        if isinstance(m, _BatchNorm) or is_depthwise(m):
+            return node.target in makers and isinstance(getattr(m, "act", nn.Identity()),
+                                                         _ZERO_KEEPING)
+        return isinstance(m, _ZERO_KEEPING)
+    if node.op == "call_function":
+        return node.target in _ZERO_FUNCTIONS
+    return node.op == "call_method" and node.target in _ZERO_METHODS
 
 
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    return _closure(node, lambda n: n.all_input_nodes)
-
-
-def _module_node(graph: fx.Graph, name: str) -> fx.Node | None:
-    found = [n for n in graph.nodes if n.op == "call_module" and n.target == name]
-    return found[0] if len(found) == 1 else None
-
-
-def plan_layer(surgery: Surgery, layer: str) -> _Plan | None:
-    """The head/tail split for `layer`, or None where the fast path does not apply."""
-    if surgery.coupled(layer):
-        return None
+def plan_layer(surgery: Surgery, layer: str,
+               traced: fx.GraphModule | None = None) -> _Plan | None:
+    """The head/tail split for `layer` at its one linear consumer, or None where the channels
+    reach the rest otherwise (the masked tail then applies)."""
     consumers = surgery.consumers(layer, 0)
-    if len(consumers) != 1:
+    if surgery.coupled(layer, depthwise=False) or len(consumers) != 1:
         return None
     cname = consumers[0][0]
     consumer = surgery.modules[cname]
-    if isinstance(consumer, nn.Conv2d) and (consumer.groups != 1
-                                            or consumer.padding_mode != "zeros"):
+    if type(consumer) not in (nn.Conv2d, nn.Linear) or isinstance(consumer, nn.Conv2d) and (
+            consumer.groups != 1 or consumer.padding_mode != "zeros"):
         return None
-    try:
-        traced = fx.symbolic_trace(surgery.model)
-    except Exception:  # noqa: BLE001 - any tracing failure means: use the general path
+    traced = traced or trace(surgery.model)
+    if traced is None:
         return None
     graph = traced.graph
-    lnode, cnode = _module_node(graph, layer), _module_node(graph, cname)
+    lnode, cnode = module_node(graph, layer), module_node(graph, cname)
     if lnode is None or cnode is None or len(cnode.all_input_nodes) != 1:
         return None
-    below_l, below_c = _descendants(lnode), _descendants(cnode)
-    chain = below_l - below_c
-    if cnode.all_input_nodes[0] not in chain:
-        return None
-    if any(u not in chain and u is not cnode for n in chain for u in n.users):
-        return None
+    below_c = descendants(cnode)
+    chain = descendants(lnode) - below_c
     modules = dict(traced.named_modules())
+    makers = set(surgery.producing(layer, 0))
+    if cnode.all_input_nodes[0] not in chain \
+            or any(u not in chain and u is not cnode for n in chain for u in n.users) \
+            or not all(_per_channel(n, modules, makers) for n in chain if n is not lnode) \
+            or not makers <= {n.target for n in chain if n.op == "call_module"}:
+        return None
     norm_node = next(iter(cnode.users)) if len(cnode.users) == 1 else None
     norm = modules.get(norm_node.target) if norm_node is not None and \
         norm_node.op == "call_module" else None
-    if not isinstance(norm, _BatchNorm) or norm.training or norm.running_var is None:
+    if type(norm) not in (nn.BatchNorm1d, nn.BatchNorm2d) or norm.training \
+            or norm.running_var is None:
         norm, norm_node = None, None
     out_node = norm_node or cnode
     tail_nodes = [n for n in graph.nodes if n in below_c and n not in (cnode, norm_node)]
-    per_image = set().union(*(_descendants(n) for n in graph.nodes if n.op == "placeholder"))
-    sides, constants = [], []  # per-image side inputs; parameters (timm's functional norms)
-    for n in tail_nodes:
-        for a in n.all_input_nodes:
-            if a not in below_c and a not in sides and a is not out_node:
-                (sides if a in per_image else constants).append(a)
-
-    head_graph, env = fx.Graph(), {}
-    for n in graph.nodes:
-        if n.op != "output" and n not in below_c:
-            env[n] = head_graph.node_copy(n, env.__getitem__)
-    head_graph.output((env[cnode.all_input_nodes[0]], *[env[s] for s in sides]))
-    head = fx.GraphModule(traced, head_graph)
-    head.graph.eliminate_dead_code()
-    head.recompile()
-    tail_graph = _tail_graph(graph, out_node, sides, constants, tail_nodes)
-    tail = fx.GraphModule(traced, tail_graph)
+    sides, constants = boundary(graph, tail_nodes, {out_node})
+    head = head_module(traced, below_c, [cnode.all_input_nodes[0], *sides])
+    tail = fx.GraphModule(traced, tail_graph(graph, [out_node, *sides], constants, tail_nodes))
     _pool_before_relu(tail)
     crop = _cropping_pool(tail)
     _window_max_pools(tail)
@@ -165,23 +157,6 @@ def plan_layer(surgery: Surgery, layer: str) -> _Plan | None:
         return surgery.consumers(layer, channel)[0][1]
 
     return _Plan(head, tail, consumer, norm, in_index, crop)
-
-
-def _tail_graph(graph: fx.Graph, out_node: fx.Node, sides: list[fx.Node],
-                constants: list[fx.Node], tail_nodes: list[fx.Node]) -> fx.Graph:
-    """The tail: the consumer's output and the per-image side inputs in, logits out; what it
-    reads that no image changes (parameters) is computed inside it."""
-    tail_graph = fx.Graph()
-    env = {out_node: tail_graph.placeholder("consumer_out")}
-    for i, s in enumerate(sides):
-        env[s] = tail_graph.placeholder(f"side_{i}")
-    fixed = set().union(*(_ancestors(c) for c in constants))
-    for n in graph.nodes:
-        if n in fixed:
-            env[n] = tail_graph.node_copy(n, env.__getitem__)
-    for n in tail_nodes:
-        env[n] = tail_graph.node_copy(n, env.__getitem__)
-    return tail_graph
 
 
 def _cropping_pool(tail: fx.GraphModule) -> nn.Module | None:
@@ -324,6 +299,9 @@ class FastEngine:
         self.memory_budget = memory_budget
         self.compensate = compensate
         self.naive = NaiveEngine(compensate)
+        self._surgery: Surgery | None = None  # what the traced graph, plans and caches are of
+        self._traced: fx.GraphModule | None = None
+        self._plans: dict[str, _Plan | MaskPlan | None] = {}
         self._caches: dict[str, _Cache] = {}
 
     def score(self, surgery: Surgery, units: Sequence[Unit], scoring: ScoringSet,
@@ -335,13 +313,8 @@ class FastEngine:
         result.total = scoring.total
         base = None
         for layer, positions in rows.items():
-            plan = plan_layer(surgery, layer)
-            layer_units = [units[p] for p in positions]
-            if plan is None:
-                layer_base, scores = self.naive.score(surgery, layer_units, scoring, advance)
-            else:
-                layer_base, scores = self._score_layer(surgery, plan, layer, layer_units,
-                                                       scoring, advance)
+            layer_base, scores = self._score(surgery, layer, [units[p] for p in positions],
+                                             scoring, advance)
             base = base or layer_base
             index = torch.tensor(positions)
             result.correct[index] = scores.correct
@@ -351,10 +324,35 @@ class FastEngine:
             base = self.naive.score(surgery, [], scoring)[0]
         return base, result
 
+    def plan(self, surgery: Surgery, layer: str) -> _Plan | MaskPlan | None:
+        """How `layer` is scored: at its linear consumer, through a masked tail, or (None)
+        naively. Plans depend on the graph only, so each is made once per surgery."""
+        if surgery is not self._surgery:
+            self._surgery, self._traced = surgery, trace(surgery.model)
+            self._plans, self._caches = {}, {}
+        if layer not in self._plans:
+            traced = self._traced
+            self._plans[layer] = None if traced is None else \
+                plan_layer(surgery, layer, traced) or plan_masked(traced, surgery, layer)
+        return self._plans[layer]
+
+    def _score(self, surgery: Surgery, layer: str, units: Sequence[Unit], scoring: ScoringSet,
+               advance: Callable[[int], None]) -> tuple[Scores, Scores]:
+        plan = self.plan(surgery, layer)
+        if isinstance(plan, _Plan):
+            return self._score_layer(surgery, plan, layer, units, scoring, advance)
+        if isinstance(plan, MaskPlan) and not self.compensate:
+            chunk = min(TAIL_BATCH_BYTES, self.memory_budget // 8)
+            return score_masked(plan, surgery, layer, units, scoring, chunk, advance)
+        return self.naive.score(surgery, units, scoring, advance)
+
     @torch.inference_mode()
     def cache_bytes(self, surgery: Surgery, layer: str, scoring: ScoringSet) -> int:
-        """Memory the layer's cache will hold: its consumer's input and output per image."""
-        plan = plan_layer(surgery, layer)
+        """Memory the layer's scoring holds: its consumer's input and output per image, or the
+        masked tail's inputs."""
+        plan = self.plan(surgery, layer)
+        if isinstance(plan, MaskPlan):
+            return 4 * scoring.total * sum(t.numel() for t in plan.head(scoring.example()))
         if plan is None:
             return 0
         x = plan.head(scoring.example())[0]

@@ -1,0 +1,145 @@
+"""The masked tail: exact CAR for a unit of any kind (DESIGN.md, "The fast engine").
+
+Ablating a unit zeroes the parameters of every module that makes its channel (conv and linear
+rows, the depthwise convs and norms of its group), so each such module's output is exactly zero
+at the unit's indices, and nothing else changes. The network without unit i therefore equals
+the network with those outputs zeroed, which is what this tail computes: everything that does
+not depend on the masked outputs (the head) runs once per scoring batch, and the rest (the
+tail) runs once per candidate, many candidates stacked along the batch dimension, each with its
+own zeros. A residual stage's tail starts at the stage's first producer; squeeze-excitation,
+concatenations and any mixing of channels downstream are computed as they are, so exactness
+needs nothing of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..groups import Surgery, Unit, is_depthwise
+from ._common import Scores, ScoringSet
+from .graph import boundary, descendants, head_module, module_node, tail_graph
+
+
+def _zeroed(x: torch.Tensor, mask: tuple[int, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x holds k candidates' batches one after another; zero channel cols[j] of candidate
+    rows[j], in place (x is the tail's own value)."""
+    k, rows, cols = mask
+    if len(rows):
+        x.view(k, x.shape[0] // k, *x.shape[1:])[rows, :, cols] = 0
+    return x
+
+
+@dataclass
+class MaskPlan:
+    """How to score one layer's units through a masked tail."""
+
+    head: fx.GraphModule        # images -> the tail's inputs
+    tail: fx.GraphModule        # (inputs stacked per candidate, one mask per point) -> logits
+    points: list[str]           # the modules whose outputs are masked, in mask order
+
+
+def _carried(node: fx.Node, makers: dict[fx.Node, str], modules: dict[str, nn.Module]) -> bool:
+    """A maker whose only reader is a per-channel maker (a BatchNorm after a conv, a norm after
+    a depthwise conv): zeroing that reader's output zeroes the channel just the same."""
+    if len(node.users) != 1:
+        return False
+    user = next(iter(node.users))
+    m = modules.get(user.target) if user in makers else None
+    return isinstance(m, _BatchNorm) or is_depthwise(m)
+
+
+def mask_points(traced: fx.GraphModule, surgery: Surgery,
+                layer: str) -> tuple[dict[fx.Node, str], list[fx.Node]] | None:
+    """The nodes of the modules that make `layer`'s channels (node -> name), and those whose
+    outputs a mask must zero; None where such a module is not called exactly once."""
+    makers = {}
+    for name in surgery.producing(layer, 0):
+        node = module_node(traced.graph, name)
+        if node is None:
+            return None
+        makers[node] = name
+    modules = dict(traced.named_modules())
+    return makers, [n for n in makers if not _carried(n, makers, modules)]
+
+
+def plan_masked(traced: fx.GraphModule, surgery: Surgery, layer: str) -> MaskPlan | None:
+    """The masked tail of `layer`, or None where a module that makes its channels is not
+    called exactly once in the graph."""
+    graph = traced.graph
+    found = mask_points(traced, surgery, layer)
+    if found is None:
+        return None
+    makers, points = found
+    changed = set().union(*(descendants(p) - {p} for p in points))
+    tail = [n for n in graph.nodes if n in changed]
+    sides, constants = boundary(graph, tail, set())
+    order = [makers[p] for p in points]
+
+    def wrap(out: fx.Graph, node: fx.Node, value: fx.Node, masks: list[fx.Node]) -> fx.Node:
+        if node not in makers or makers[node] not in order:
+            return value
+        return out.call_function(_zeroed, (value, masks[order.index(makers[node])]))
+
+    tail_module = fx.GraphModule(traced, tail_graph(graph, sides, constants, tail,
+                                                    extra=len(order), wrap=wrap))
+    return MaskPlan(head_module(traced, changed, sides), tail_module, order)
+
+
+def _masks(surgery: Surgery, layer: str, points: list[str], units: Sequence[Unit],
+           device: torch.device) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Per point: (candidates, candidate rows, channels) to zero, for `units` in order."""
+    out = []
+    for name in points:
+        rows, cols = [], []
+        for k, unit in enumerate(units):
+            idxs = surgery.producing(layer, unit.channel)[name]
+            rows += [k] * len(idxs)
+            cols += idxs
+        out.append((max(1, len(units)), torch.tensor(rows, device=device, dtype=torch.long),
+                    torch.tensor(cols, device=device, dtype=torch.long)))
+    return out
+
+
+def _stacked(t: torch.Tensor, k: int) -> torch.Tensor:
+    """k copies of a batch, one after another, in the batch's own memory layout."""
+    if k == 1:
+        return t.clone()
+    return torch.cat([t] * k)
+
+
+@torch.inference_mode()
+def score_masked(plan: MaskPlan, surgery: Surgery, layer: str, units: Sequence[Unit],
+                 scoring: ScoringSet, chunk_bytes: int,
+                 advance: Callable[[int], None]) -> tuple[Scores, Scores]:
+    """(base, candidates) tallies through the masked tail, `chunk_bytes` of tail inputs a pass."""
+    device = scoring.batches[0][0].device
+    base = Scores.zeros(1, scoring.num_classes)
+    scores = Scores.zeros(len(units), scoring.num_classes)
+    base.total = scores.total = scoring.total
+    inputs = [plan.head(x) for x, _ in scoring.batches]
+    per_image = sum(4 * t[0].numel() for t in inputs[0])
+    batch = max(len(y) for _, y in scoring.batches)
+    chunk = max(1, min(len(units), chunk_bytes // (per_image * batch)))
+    parts = [(slice(start, min(start + chunk, len(units))),
+              _masks(surgery, layer, plan.points, units[start:start + chunk], device))
+             for start in range(0, len(units), chunk)]
+    unmasked = _masks(surgery, layer, plan.points, [], device)
+    done = 0.0
+    for sides, (_, y) in zip(inputs, scoring.batches, strict=True):
+        logits = plan.tail(*[t.clone() for t in sides], *unmasked)
+        base.add_logits(slice(0, 1), logits.unsqueeze(0), y)
+        for rows, masks in parts:
+            k = rows.stop - rows.start
+            logits = plan.tail(*[_stacked(t, k) for t in sides], *masks)
+            scores.add_logits(rows, logits.view(k, len(y), -1), y)
+        step = len(units) * len(y) / scoring.total
+        advance(int(done + step) - int(done))
+        done += step
+    advance(len(units) - int(done))
+    return base, scores

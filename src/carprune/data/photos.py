@@ -1,10 +1,12 @@
 """Photographs that ship inside packages: real RGB images for scoring a pretrained RGB network
 without downloading anything. matplotlib (a dependency) ships Grace Hopper's portrait;
-scikit-image, when installed (`make rgb`), ships more in skimage/data. Found with
-importlib.util.find_spec, so scikit-image is never imported."""
+scikit-image, when installed (`make rgb`, `make real`), ships more in skimage/data, and
+scikit-learn two in sklearn/datasets/images (`make real`). Found with importlib.util.find_spec,
+so neither package is imported."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +22,15 @@ PACKAGE_PHOTOS = (
     ("coffee", "skimage", "data/coffee.png"),
     ("rocket", "skimage", "data/rocket.jpg"),
     ("motorcycle", "skimage", "data/motorcycle_left.png"),
+    ("china", "sklearn", "datasets/images/china.jpg"),
+    ("flower", "sklearn", "datasets/images/flower.jpg"),
 )
+# The photos every caller got before scikit-learn's were added (so MTCNN's figures stay put).
+DEFAULT_PHOTOS = ("grace_hopper", "astronaut", "chelsea", "coffee", "rocket", "motorcycle")
 
 
-def _package_file(package: str, relative: str) -> Path | None:
+def package_file(package: str, relative: str) -> Path | None:
+    """A data file inside an installed top-level package, found without importing it."""
     import importlib.util
 
     try:
@@ -36,14 +43,14 @@ def _package_file(package: str, relative: str) -> Path | None:
     return None
 
 
-def package_photos() -> dict[str, np.ndarray]:
-    """The photographs of PACKAGE_PHOTOS that the installed packages ship, by name, as uint8
-    (H, W, 3) RGB arrays, in PACKAGE_PHOTOS' order."""
+def package_photos(names: Sequence[str] = DEFAULT_PHOTOS) -> dict[str, np.ndarray]:
+    """The photographs `names` of PACKAGE_PHOTOS that the installed packages ship, by name, as
+    uint8 (H, W, 3) RGB arrays, in PACKAGE_PHOTOS' order."""
     from PIL import Image
 
     photos = {}
     for name, package, relative in PACKAGE_PHOTOS:
-        path = _package_file(package, relative)
+        path = package_file(package, relative) if name in names else None
         if path is not None:
             with Image.open(path) as img:
                 photos[name] = np.asarray(img.convert("RGB"))

@@ -23,6 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.utils import _pair
 
 from ..errors import CarpruneError
+from ..scoring.graph import trace
 from .class_importance import ClassImportance
 
 _SPATIAL = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
@@ -69,11 +70,13 @@ class ReceptiveField:
 
 
 def _trace(model: nn.Module) -> fx.GraphModule:
-    try:
-        return fx.symbolic_trace(model)
-    except Exception as exc:  # noqa: BLE001 - whatever fx trips on, the user's fix is the same
-        raise CarpruneError(f"torch.fx cannot trace the model ({type(exc).__name__}: {exc}); "
-                            "receptive fields and activations need a traceable model") from None
+    """The scoring engine's trace (convs, linears and norms are single calls, so a padding
+    computed inside timm's Conv2dSame is no control flow to fx)."""
+    traced = trace(model)
+    if traced is None:
+        raise CarpruneError("torch.fx cannot trace the model; receptive fields and activations "
+                            "need a traceable model (no Python control flow on tensors)")
+    return traced
 
 
 def _layer_node(graph: fx.Graph, layer: str) -> fx.Node:

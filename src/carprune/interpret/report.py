@@ -73,7 +73,7 @@ def removal_orders(prune_run, model: nn.Module, layers: Sequence[str]) -> dict[s
     return orders
 
 
-def _img(data: bytes, alt: str, css: str = "") -> str:
+def img_tag(data: bytes, alt: str, css: str = "") -> str:
     encoded = base64.b64encode(data).decode("ascii")
     return f'<img class="{css}" alt="{html.escape(alt)}" src="data:image/png;base64,{encoded}">'
 
@@ -97,7 +97,7 @@ def _layer_html(name: str, imp: ClassImportance, figures: dict[str, bytes], stri
              "accuracy lost without the filter (overall for the CAR index, per class "
              "otherwise).</p>",
              "<h3>Which classes need which filter</h3>",
-             _img(figures[f"heatmap_{name}.png"], f"class-importance heat map of {name}")]
+             img_tag(figures[f"heatmap_{name}.png"], f"class-importance heat map of {name}")]
     parts.append("<h3>Colour</h3>")
     colour = info["colour"]
     if colour is None:
@@ -108,7 +108,7 @@ def _layer_html(name: str, imp: ClassImportance, figures: dict[str, bytes], stri
                      f"({html.escape(colour['index'])} index above {colour['threshold']}), "
                      f"against {colour['colour_in_layer']} of {imp.num_filters} "
                      f"({100 * colour['layer_share']:.0f}%) in the whole layer.</p>")
-        parts.append(_img(figures[f"colour_{name}.png"], f"colour index of {name}"))
+        parts.append(img_tag(figures[f"colour_{name}.png"], f"colour index of {name}"))
     div = info["diversity"]
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v['filters']}</td>"
                    f"<td>{v['mean_cosine_distance']:.3f}</td><td>{v['effective_rank']:.2f}</td>"
@@ -118,7 +118,7 @@ def _layer_html(name: str, imp: ClassImportance, figures: dict[str, bytes], stri
               "the L1 norm (smallest removed) and at random (mean of 10 seeded draws).</p>",
               "<table><tr><th>filters</th><th>count</th><th>mean cosine distance</th>"
               f"<th>effective rank</th></tr>{rows}</table>",
-              _img(figures[f"diversity_{name}.png"], f"diversity of {name}")]
+              img_tag(figures[f"diversity_{name}.png"], f"diversity of {name}")]
     removal = {f: pos + 1 for pos, f in enumerate(info["removal_order"])}
     colour_head = "<th>colour index</th>" if colour_values is not None else ""
     order_head = f"<th>removal # ({html.escape(info['order_source'])})</th>"
@@ -132,12 +132,12 @@ def _layer_html(name: str, imp: ClassImportance, figures: dict[str, bytes], stri
         parts.append(f"<tr><td><b>{f}</b></td><td>{points(imp.car[f])}</td>"
                      f"<td>{removal.get(f, 'kept')}</td>{colour_cell}"
                      f"<td>{_classes_cell(imp.most(f))}</td><td>{_classes_cell(imp.least(f))}</td>"
-                     f"<td>{_img(strips[f], f'patches of filter {f}', 'strip')}</td></tr>")
+                     f"<td>{img_tag(strips[f], f'patches of filter {f}', 'strip')}</td></tr>")
     parts.append("</table>")
     return "\n".join(parts)
 
 
-_CSS = """body{font-family:sans-serif;max-width:1150px;margin:1em auto;color:#222;padding:0 1em}
+CSS = """body{font-family:sans-serif;max-width:1150px;margin:1em auto;color:#222;padding:0 1em}
 h2{border-bottom:2px solid #ccc;padding-bottom:.2em;margin-top:2em}
 table{border-collapse:collapse;margin:.5em 0;font-size:14px}
 td,th{border:1px solid #ccc;padding:3px 7px;text-align:left;vertical-align:middle}
@@ -150,10 +150,10 @@ def page(source: str, data: Data, total: int, prune_run, grid_name: str | None,
     nav = " · ".join(f'<a href="#{html.escape(n)}">{html.escape(n)}</a>' for n in layers)
     grid = "" if grid_name is None else \
         f"<h2>Filters of {html.escape(grid_name)}</h2>" + \
-        _img(figures[f"filters_{grid_name}.png"], f"filters of {grid_name}")
+        img_tag(figures[f"filters_{grid_name}.png"], f"filters of {grid_name}")
     run = f"; prune run: {html.escape(str(prune_run))}" if prune_run is not None else ""
     return (f"<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
-            f"<title>carprune explain: {html.escape(source)}</title><style>{_CSS}</style>"
+            f"<title>carprune explain: {html.escape(source)}</title><style>{CSS}</style>"
             f"</head><body><h1>What the filters of {html.escape(source)} do</h1>"
             f"<p class=meta>Data: {html.escape(data.name)} ({len(data.classes)} classes: "
             f"{html.escape(', '.join(data.classes))}); scoring set: the first {total} "

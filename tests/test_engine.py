@@ -137,3 +137,38 @@ def test_identical_pick_sequences_every_kind(zoo, scoring, name, layers):
                    for engine in ("naive", "fast"))
     for layer in layers:
         assert naive.layers[layer].removed == fast.layers[layer].removed
+
+
+def test_folding_batchnorms_keeps_the_function():
+    """`inference` folds each eval BatchNorm (plain, and timm's BatchNormAct2d with its
+    activation kept) into the conv that alone feeds it; a conv called twice keeps its norm."""
+    from timm.layers import BatchNormAct2d
+    from torch import nn
+
+    from carprune.scoring.graph import folded, inference, trace
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.bn_a = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.b, self.bn_b = nn.Conv2d(8, 8, 3, bias=False), BatchNormAct2d(8)
+            self.shared, self.bn_s = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            x = self.bn_b(self.b(torch.relu(self.bn_a(self.a(x)))))
+            x = self.bn_s(self.shared(x)) + self.shared(x)
+            return self.fc(x.mean((2, 3)))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    for bn in (net.bn_a, net.bn_b, net.bn_s):
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+        bn.weight.data.uniform_(0.5, 2), bn.bias.data.uniform_(-1, 1)
+    x = torch.randn(4, 3, 12, 12)
+    module = folded(trace(net))
+    left = {n.target: type(module.get_submodule(n.target)) for n in module.graph.nodes
+            if n.op == "call_module" and n.target.startswith("bn")}
+    assert left == {"bn_b": nn.Sequential, "bn_s": nn.BatchNorm2d}  # its ReLU; a shared conv
+    with torch.inference_mode():
+        assert torch.allclose(inference(net)(x), net(x), atol=1e-5)

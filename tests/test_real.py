@@ -116,6 +116,18 @@ def test_shipped_refuses_a_missing_package(monkeypatch):
         shipped.load_shipped("alexnet")
 
 
+def test_scoring_and_test_photos_differ_and_a_missing_one_is_refused(monkeypatch):
+    from carprune.data.photos import PACKAGE_PHOTOS
+
+    assert not set(real.SCORING_PHOTOS) & set(real.TEST_PHOTOS)
+    assert set(real.SCORING_PHOTOS + real.TEST_PHOTOS) <= {name for name, *_ in PACKAGE_PHOTOS}
+    grey = np.zeros((300, 300, 3), np.uint8)
+    monkeypatch.setattr(real, "package_photos",
+                        lambda names: {k: grey for k in names if k not in ("bus", "zidane")})
+    with pytest.raises(CarpruneError, match="photos bus, zidane are missing.*make real"):
+        real.photo_split(None, real.RealConfig())
+
+
 def test_lite0_refuses_a_state_of_other_shapes(tmp_path):
     path = tmp_path / "lite0.pth"
     torch.save({"w": torch.zeros(3)}, path)

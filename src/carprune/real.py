@@ -45,9 +45,10 @@ from .models.shipped import imagenet_classes, load_shipped
 from .prune import group_leaders
 from .scoring import ScoringSet
 from .scoring.first_order import first_order
+from .scoring.graph import inference
 
-SCORING_PHOTOS = ("astronaut", "coffee", "rocket", "china")
-TEST_PHOTOS = ("chelsea", "grace_hopper", "flower", "motorcycle")
+SCORING_PHOTOS = ("astronaut", "coffee", "rocket", "china", "bus", "department_store", "group")
+TEST_PHOTOS = ("chelsea", "grace_hopper", "flower", "motorcycle", "zidane", "luispedro")
 FIRST_COLOUR = 20
 MIN_KEEP = 0.1
 TP_STEPS = 100
@@ -160,11 +161,12 @@ def labelled(net: Network, pixels: torch.Tensor) -> TensorDataset:
 def photo_split(net: Network, config: RealConfig) -> Split:
     """The scoring windows from SCORING_PHOTOS and the test windows from TEST_PHOTOS."""
     photos = package_photos(SCORING_PHOTOS + TEST_PHOTOS)
-    parts = [{k: photos[k] for k in names if k in photos} for names in (SCORING_PHOTOS,
-                                                                         TEST_PHOTOS)]
-    if not all(parts):
-        raise CarpruneError("the scoring and test photographs ship in scikit-image and "
-                            "scikit-learn; pip install scikit-image scikit-learn (make real)")
+    missing = sorted(set(SCORING_PHOTOS + TEST_PHOTOS) - set(photos))
+    if missing:
+        raise CarpruneError(f"photos {', '.join(missing)} are missing: they ship in "
+                            "scikit-image, scikit-learn, ultralytics, mahotas and insightface; "
+                            "run make real, which installs them")
+    parts = [{k: photos[k] for k in names} for names in (SCORING_PHOTOS, TEST_PHOTOS)]
     sizes = (config.scoring_images, config.test_images)
     (xs, ps), (xt, pt) = (_windows(p, n, net.size, config.seed + i)
                           for i, (p, n) in enumerate(zip(parts, sizes, strict=True)))
@@ -225,34 +227,39 @@ def agreement(model: nn.Module, data: TensorDataset) -> dict[str, float]:
     """Share of images on which `model` keeps the unpruned network's label: top-1, and top-5
     (the label among its five best) when it has more than five classes."""
     x, y = data.tensors
-    logits = torch.cat([model(b.to(device_of(model))).cpu() for b in x.split(64)])
+    run = inference(model)
+    logits = torch.cat([run(b.to(device_of(model))).cpu() for b in x.split(64)])
     out = {"top1": float((logits.argmax(1) == y).float().mean())}
     if logits.shape[1] > 5:
         out["top5"] = float((logits.topk(5, 1).indices == y[:, None]).any(1).float().mean())
     return out
 
 
-def _without(surgery: Surgery, layer: str, removed: list[int], test: TensorDataset) -> dict:
-    with surgery.ablated([Unit(layer, c) for c in removed]):
-        return agreement(surgery.model, test)
-
-
 def per_layer(model: nn.Module, split: Split, layer: str, config: RealConfig,
               num_classes: int) -> tuple[dict, dict[str, list[list[int]]]]:
     """Agreement on test of `layer` pruned by every criterion at every keep of the grid (random:
-    the mean of `random_seeds` seeds), and the removal orders (scored on the scoring split)."""
+    the mean of `random_seeds` seeds), and the removal orders (scored on the scoring split).
+    Criteria that remove the same filters share one evaluation."""
     scoring = ScoringSet.from_any(split.scoring, num_classes).to(device_of(model))
     surgery = Surgery(copy.deepcopy(model), scoring.example())
     n = surgery.size(layer)
     counts = kept_counts(n, config.keep_grid)
-    table, orders = {}, {}
+    table, orders, seen = {}, {}, {}
+
+    def without(removed: list[int]) -> dict:
+        key = frozenset(removed)
+        if key not in seen:
+            with surgery.ablated([Unit(layer, c) for c in removed]):
+                seen[key] = agreement(surgery.model, split.test)
+        return seen[key]
+
     for name in tqdm(CRITERIA, desc=f"per layer {layer}", unit="criterion",
                      disable=not config.progress):
         seeds = range(config.random_seeds) if name == "random" else [config.seed]
         orders[name] = [removal_order(model, scoring, layer, name, counts[-1], s,
                                       config.progress) for s in seeds]
-        table[name] = {str(kept): _mean([_without(surgery, layer, o[:n - kept], split.test)
-                                         for o in orders[name]]) for kept in counts}
+        table[name] = {str(kept): _mean([without(o[:n - kept]) for o in orders[name]])
+                       for kept in counts}
     return table, orders
 
 
@@ -303,8 +310,9 @@ def _lost(surgery: Surgery, units: list[Unit], p: dict, scoring: ScoringSet) -> 
     """(images whose label changes, summed loss) without the units, their consumers refit."""
     wrong, loss = 0, 0.0
     with surgery.ablated(units), refitted(surgery, units, p):
+        run = inference(surgery.model)
         for x, y in scoring.batches:
-            out = surgery.model(x)
+            out = run(x)
             wrong += int((out.argmax(1) != y).sum())
             loss += float(nn.functional.cross_entropy(out, y, reduction="sum"))
     return wrong, loss
@@ -341,7 +349,8 @@ def block_car(model: nn.Module, data: TensorDataset, config: RealConfig,
                                                           for u in us])), scoring.batches)
         keys = {}
         for n, us in units.items():
-            saved = sum(unit_costs(surgery, n, "macs")[u.channel] for u in us)
+            costs = unit_costs(surgery, n, "macs")
+            saved = sum(costs[u.channel] for u in us)
             wrong, loss = _lost(surgery, us, p, scoring)
             keys[n] = (wrong / saved, loss / saved)
         for n in sorted(keys, key=keys.get)[:config.blocks_per_round]:

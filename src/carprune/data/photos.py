@@ -1,8 +1,9 @@
 """Photographs that ship inside packages: real RGB images for scoring a pretrained RGB network
 without downloading anything. matplotlib (a dependency) ships Grace Hopper's portrait;
-scikit-image, when installed (`make rgb`, `make real`), ships more in skimage/data, and
-scikit-learn two in sklearn/datasets/images (`make real`). Found with importlib.util.find_spec,
-so neither package is imported."""
+scikit-image, when installed (`make rgb`, `make real`), ships more in skimage/data;
+scikit-learn two in sklearn/datasets/images, and ultralytics, mahotas and insightface five more
+(`make real`, installed --no-deps for their photos alone). Found with importlib.util.find_spec,
+so no package is imported."""
 
 from __future__ import annotations
 
@@ -24,6 +25,11 @@ PACKAGE_PHOTOS = (
     ("motorcycle", "skimage", "data/motorcycle_left.png"),
     ("china", "sklearn", "datasets/images/china.jpg"),
     ("flower", "sklearn", "datasets/images/flower.jpg"),
+    ("bus", "ultralytics", "assets/bus.jpg"),
+    ("zidane", "ultralytics", "assets/zidane.jpg"),
+    ("department_store", "mahotas", "demos/data/DepartmentStore.jpg"),
+    ("luispedro", "mahotas", "demos/data/luispedro.jpg"),
+    ("group", "insightface", "data/images/t1.jpg"),
 )
 # The photos every caller got before scikit-learn's were added (so MTCNN's figures stay put).
 DEFAULT_PHOTOS = ("grace_hopper", "astronaut", "chelsea", "coffee", "rocket", "motorcycle")

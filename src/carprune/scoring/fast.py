@@ -14,6 +14,8 @@ unit i, and tail everything after the consumer. So:
 - each candidate costs one channel's share of the consumer plus the tail;
 - candidates are evaluated together, along a candidate dimension, in chunks that fit the memory
   budget.
+- the tail runs with its BatchNorms folded into their convs (`graph.folded`, made anew for
+  each scoring call, since the weights change between calls).
 
 Every other unit (residual stage channels, channels read by several layers or by
 squeeze-excitation) is scored through the masked tail (masked.py), exact for any graph.
@@ -36,7 +38,7 @@ from torch.nn.modules.utils import _pair
 from .. import compensation
 from ..groups import Surgery, Unit, is_depthwise
 from ._common import Scores, ScoringSet
-from .graph import boundary, descendants, head_module, module_node, tail_graph, trace
+from .graph import boundary, descendants, folded, head_module, module_node, tail_graph, trace
 from .masked import MaskPlan, plan_masked, score_masked
 from .naive import NaiveEngine
 
@@ -396,7 +398,7 @@ class FastEngine:
         scores = Scores.zeros(len(units), scoring.num_classes)
         base.total = scores.total = scoring.total
         full = [plan.full(x) for x in cache.inputs]
-        weight = plan.weight()
+        weight, tail = plan.weight(), folded(plan.tail)
         q = None
         if self.compensate and compensation.refittable(plan.consumer):
             p = compensation.inverse(sum(compensation.gram(plan.consumer, x)
@@ -404,7 +406,7 @@ class FastEngine:
             q = torch.stack([compensation.q_rows(p, compensation.columns(plan.consumer, feeds))
                              .to(weight.dtype) for feeds in idx.tolist()])
         for z, side, (_, y) in zip(full, cache.sides, scoring.batches, strict=True):
-            logits = plan.tail(z.clone(), *[t.clone() for t in side])  # the tail may work in place
+            logits = tail(z.clone(), *[t.clone() for t in side])  # the tail may work in place
             base.add_logits(slice(0, 1), logits.unsqueeze(0), y)
         # candidates per pass: about TAIL_BATCH_BYTES of consumer output (small enough to stay
         # in cache through the tail's memory-bound ops), never more than the memory budget
@@ -421,7 +423,7 @@ class FastEngine:
                 k = rows.stop - rows.start
                 zc = _without(weight, cols, zl, z, idx[rows], None if q is None else q[rows])
                 reps = [s.repeat(k, *[1] * (s.ndim - 1)) for s in side]
-                scores.add_logits(rows, plan.tail(zc, *reps).view(k, len(y), -1), y)
+                scores.add_logits(rows, tail(zc, *reps).view(k, len(y), -1), y)
             step = len(units) * len(y) / scoring.total
             advance(int(done + step) - int(done))
             done += step

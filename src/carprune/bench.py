@@ -3,8 +3,9 @@
 Per layer: the first S greedy steps with each engine (picks must be identical), seconds per
 candidate, and the lower bound of the fast engine: per candidate and image, the MACs downstream
 of the first operation the unit changes (after the consumer, or the masked tail), at the
-throughput this machine reaches on the whole network (median of 3 full passes over the scoring
-set). Per unit kind (plain, residual, depthwise, concat, branch): the same, summed.
+throughput this machine reaches on the whole network with its BatchNorms folded, as the fast
+engine's tails run (median of 3 full passes over the scoring set). Per unit kind (plain,
+residual, depthwise, concat, branch): the same, summed.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .groups import Surgery, Unit
 from .measure import module_macs
 from .prune import PruneResult, car_prune, resolve_keep
 from .scoring import FastEngine, NaiveEngine, ScoringSet, rank
+from .scoring.graph import inference
 from .scoring.naive import full_pass
 from .train import evaluate
 
@@ -86,12 +88,14 @@ def bench_layers(model: nn.Module, scoring: ScoringSet, layers: list[str], steps
     model = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)  # as engines run it
     example = scoring.example()
     macs = module_macs(model, example)
-    full_pass(model, scoring)  # warm-up
+    run = inference(model)  # the whole network as fast as the tails run: BatchNorms folded
     passes = []
-    for _ in range(3):
-        start = time.perf_counter()
-        full_pass(model, scoring)
-        passes.append(time.perf_counter() - start)
+    with torch.inference_mode():
+        full_pass(run, scoring)  # warm-up
+        for _ in range(3):
+            start = time.perf_counter()
+            full_pass(run, scoring)
+            passes.append(time.perf_counter() - start)
     throughput = sum(macs.values()) * scoring.total / statistics.median(passes)
     rows = []
     for layer in layers:

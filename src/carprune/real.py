@@ -152,9 +152,9 @@ def normalised(net: Network, pixels: torch.Tensor) -> torch.Tensor:
 def labelled(net: Network, pixels: torch.Tensor) -> TensorDataset:
     """Pixels in [0, 255] as the network reads them, labelled by the network."""
     x = normalised(net, pixels)
+    run = inference(net.model)
     with torch.no_grad():  # not inference mode: Taylor pruning takes gradients on these
-        y = torch.cat([net.model(b.to(device_of(net.model))).argmax(1).cpu()
-                       for b in x.split(64)])
+        y = torch.cat([run(b.to(device_of(net.model))).argmax(1).cpu() for b in x.split(64)])
     return TensorDataset(x, y)
 
 
@@ -274,6 +274,7 @@ def torch_pruning(model: nn.Module, scoring: TensorDataset, macs: float,
     the cross-entropy on the scoring split (the network's own labels), taken before each step."""
     model = copy.deepcopy(model).eval()
     x, y = (t.to(device_of(model)) for t in scoring.tensors)
+    x = x.contiguous(memory_format=torch.channels_last)  # a fifth faster gradients on CPU
     pruner = tp.pruner.BasePruner(
         model, x[:1], global_pruning=True, pruning_ratio=0.9, iterative_steps=TP_STEPS,
         importance=(tp.importance.GroupTaylorImportance() if importance == "taylor" else

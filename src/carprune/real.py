@@ -149,13 +149,18 @@ def normalised(net: Network, pixels: torch.Tensor) -> torch.Tensor:
     return (pixels / 255 - mean) / std
 
 
+def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's logits for images x (on the CPU), run folded (`scoring.graph.inference`), in
+    batches of 64 on the model's device."""
+    run = inference(model)
+    return torch.cat([run(b.to(device_of(model))).cpu() for b in x.split(64)])
+
+
 def labelled(net: Network, pixels: torch.Tensor) -> TensorDataset:
     """Pixels in [0, 255] as the network reads them, labelled by the network."""
     x = normalised(net, pixels)
-    run = inference(net.model)
     with torch.no_grad():  # not inference mode: Taylor pruning takes gradients on these
-        y = torch.cat([run(b.to(device_of(net.model))).argmax(1).cpu() for b in x.split(64)])
-    return TensorDataset(x, y)
+        return TensorDataset(x, logits(net.model, x).argmax(1))
 
 
 def photo_split(net: Network, config: RealConfig) -> Split:
@@ -227,12 +232,11 @@ def agreement(model: nn.Module, data: TensorDataset) -> dict[str, float]:
     """Share of images on which `model` keeps the unpruned network's label: top-1, and top-5
     (the label among its five best) when it has more than five classes."""
     x, y = data.tensors
-    run = inference(model)
-    logits = torch.cat([run(b.to(device_of(model))).cpu() for b in x.split(64)])
-    out = {"top1": float((logits.argmax(1) == y).float().mean())}
-    if logits.shape[1] > 5:
-        out["top5"] = float((logits.topk(5, 1).indices == y[:, None]).any(1).float().mean())
-    return out
+    out = logits(model, x)
+    result = {"top1": float((out.argmax(1) == y).float().mean())}
+    if out.shape[1] > 5:
+        result["top5"] = float((out.topk(5, 1).indices == y[:, None]).any(1).float().mean())
+    return result
 
 
 def per_layer(model: nn.Module, split: Split, layer: str, config: RealConfig,

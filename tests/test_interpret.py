@@ -21,6 +21,7 @@ import carprune as cp
 from carprune.commands.explain import explain_run
 from carprune.errors import CarpruneError
 from carprune.interpret import (
+    ClassImportance,
     ReceptiveField,
     activation_colour_index,
     class_importance,
@@ -88,6 +89,13 @@ def test_weighted_rows_are_the_car_index_and_rankings_follow_the_rows(importance
         assert [v for _, v in importance.least(f)] == row[:3]
         name, value = importance.most(f, 1)[0]
         assert importance.matrix[f, importance.classes.index(name)] == value
+
+
+def test_tied_classes_rank_by_their_images_then_their_id():
+    imp = ClassImportance("conv1", ["a", "b", "c", "d"], np.array([[1.0, 1.0, 1.0, 0.5]]),
+                          np.array([0.9]), 1.0, np.ones(4), np.array([1, 3, 2, 3]), [0], "fast")
+    assert imp.most(0) == [("b", 1.0), ("c", 1.0), ("a", 1.0)]
+    assert imp.least(0, 2) == [("d", 0.5), ("b", 1.0)]
 
 
 def test_classes_missing_from_the_scoring_set_are_never_ranked(baseline, val):

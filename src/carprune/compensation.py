@@ -61,11 +61,12 @@ def gram(consumer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return (rows.T @ rows).double()
 
 
-def inverse(xtx: torch.Tensor) -> torch.Tensor:
-    """P = (X^T X + damping)^-1, X^T X summed over every process's share of the scoring set."""
+def inverse(xtx: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
+    """P = (X^T X + damping)^-1, X^T X summed over every process's share of the scoring set;
+    `damping` relative to the diagonal's mean."""
     if dist.active():
         dist.all_reduce_tensor(xtx)
-    damping = DAMPING * float(xtx.diagonal().mean()) or DAMPING
+    damping = damping * float(xtx.diagonal().mean()) or damping
     xtx.diagonal().add_(damping)
     return torch.linalg.inv(xtx)
 
@@ -93,7 +94,8 @@ def consumers_of(surgery: Surgery, units: Sequence[Unit]) -> dict[str, list[int]
 
 
 @torch.inference_mode()
-def inverses(surgery: Surgery, names: Sequence[str], batches) -> dict[str, torch.Tensor]:
+def inverses(surgery: Surgery, names: Sequence[str], batches,
+             damping: float = DAMPING) -> dict[str, torch.Tensor]:
     """P for each named consumer of the current network, from one pass over the batches."""
     if not names:
         return {}
@@ -111,7 +113,7 @@ def inverses(surgery: Surgery, names: Sequence[str], batches) -> dict[str, torch
     finally:
         for hook in hooks:
             hook.remove()
-    return {name: inverse(grams[name]) for name in names}
+    return {name: inverse(grams[name], damping) for name in names}
 
 
 @torch.no_grad()
@@ -141,9 +143,10 @@ def refitted(surgery: Surgery, units: Sequence[Unit],
                 weight.copy_(values)
 
 
-def remove(surgery: Surgery, layer: str, channels: Sequence[int], batches) -> list[int]:
+def remove(surgery: Surgery, layer: str, channels: Sequence[int], batches,
+           damping: float = DAMPING) -> list[int]:
     """Refit the consumers of `channels` on what is left, then remove them physically."""
     surgery.check_removal(layer, channels)
     consumers = consumers_of(surgery, [Unit(layer, c) for c in channels])
-    _refit(surgery, consumers, inverses(surgery, list(consumers), batches))
+    _refit(surgery, consumers, inverses(surgery, list(consumers), batches, damping))
     return surgery.remove(layer, channels)

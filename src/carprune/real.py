@@ -52,6 +52,8 @@ TEST_PHOTOS = ("chelsea", "grace_hopper", "flower", "motorcycle", "zidane", "lui
 FIRST_COLOUR = 20
 MIN_KEEP = 0.1
 TP_STEPS = 100
+BLOCK_DAMPING = 1e-2  # block CAR refits on a few windows: a ridge 100x --compensate's
+CURVE_MACS = (0.9, 0.7)  # global runs also measure agreement where they pass these MACs
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
 
@@ -271,11 +273,31 @@ def _mean(results: list[dict]) -> dict:
     return {k: float(np.mean([r[k] for r in results])) for k in results[0]}
 
 
-def torch_pruning(model: nn.Module, scoring: TensorDataset, macs: float,
-                  importance: str) -> nn.Module:
+class Curve:
+    """A global run's agreement on test the first time its MACs fall to each of CURVE_MACS,
+    and the seconds those evaluations took (not the run's)."""
+
+    def __init__(self, test: TensorDataset, start: float):
+        self.test, self.start = test, start
+        self.left, self.points, self.seconds = list(CURVE_MACS), [], 0.0
+
+    def __call__(self, model: nn.Module) -> float:
+        """The model's share of the starting MACs, its agreement kept if it passed a level."""
+        share = macs_params(model, self.test.tensors[0].shape[1:])[0] / self.start
+        if self.left and share <= self.left[0]:
+            began = time.perf_counter()
+            self.left = [level for level in self.left if level < share]
+            self.points.append({"macs": share, **agreement(model, self.test)})
+            self.seconds += time.perf_counter() - began
+        return share
+
+
+def torch_pruning(model: nn.Module, scoring: TensorDataset, target: float, importance: str,
+                  curve: Curve) -> nn.Module:
     """Torch-Pruning's own global pruning (BasePruner, global_pruning=True, linear layers left
-    whole) stepped until the network has at most `macs` MACs. Taylor's gradients are those of
-    the cross-entropy on the scoring split (the network's own labels), taken before each step."""
+    whole) stepped until the network has at most `target` of its MACs. Taylor's gradients are
+    those of the cross-entropy on the scoring split (the network's own labels), taken before
+    each step."""
     model = copy.deepcopy(model).eval()
     x, y = (t.to(device_of(model)) for t in scoring.tensors)
     x = x.contiguous(memory_format=torch.channels_last)  # a fifth faster gradients on CPU
@@ -285,7 +307,7 @@ def torch_pruning(model: nn.Module, scoring: TensorDataset, macs: float,
                     tp.importance.GroupMagnitudeImportance(p=2)),
         ignored_layers=[m for m in model.modules() if isinstance(m, nn.Linear)])
     for _ in range(TP_STEPS):  # each step prunes 0.9 / TP_STEPS more, globally
-        if macs_params(model, x.shape[1:])[0] <= macs:
+        if curve(model) <= target:
             break
         if importance == "taylor":
             model.zero_grad()
@@ -323,46 +345,63 @@ def _lost(surgery: Surgery, units: list[Unit], p: dict, scoring: ScoringSet) -> 
     return wrong, loss
 
 
-def block_car(model: nn.Module, data: TensorDataset, config: RealConfig,
-              num_classes: int) -> tuple[nn.Module, list[str]]:
+def _halves(data: TensorDataset, num_classes: int, device) -> tuple[ScoringSet, ScoringSet]:
+    """The first and second half of the images (a single image serves as both)."""
+    half = max(1, len(data) // 2)
+    return tuple(ScoringSet.from_any(TensorDataset(*(t[part] for t in data.tensors)),
+                                     num_classes).to(device)
+                 for part in (slice(None, half), slice(len(data) - half, None)))
+
+
+def _costs(surgery: Surgery, units: dict[str, list[Unit]], fit: ScoringSet,
+           judge: ScoringSet) -> dict[str, tuple[float, float]]:
+    """Per layer, its block's (labels changed, loss) on `judge` per MAC saved, with the
+    block's consumers refit on `fit`."""
+    p = inverses(surgery, list(consumers_of(surgery, [u for us in units.values() for u in us])),
+                 fit.batches, BLOCK_DAMPING)
+    keys = {}
+    for n, us in units.items():
+        costs = unit_costs(surgery, n, "macs")
+        saved = sum(costs[u.channel] for u in us)
+        wrong, loss = _lost(surgery, us, p, judge)
+        keys[n] = (wrong / saved, loss / saved)
+    return keys
+
+
+def block_car(model: nn.Module, data: TensorDataset, config: RealConfig, num_classes: int,
+              curve: Curve) -> tuple[nn.Module, list[str]]:
     """Global CAR over blocks, with least-squares compensation: an approximation for networks
     where even one exact candidate per removed filter is too dear (MobileNetV2 at 224 px needs
     some 4 400 removals to halve its MACs). Every round each layer offers one block, the
     `block_fraction` of its filters that the first-order estimate ranks least needed; each
-    block's joint absence, its consumers refit, is scored exactly on the scoring images
-    (labels changed, then loss); the `blocks_per_round` blocks that lose least per MAC saved
-    go, refit, until the MACs are at `target_macs`. No layer keeps under MIN_KEEP, and
-    residual-stage channels stay whole (under compensation they score on the naive path).
-    Returns the pruned network and the residual layers left whole."""
+    block's joint absence is scored exactly on the second half of the images (labels changed,
+    then loss) with its consumers refit on the first half, so that a refit which only fits its
+    own images scores what it loses on others; the `blocks_per_round` blocks that lose least
+    per MAC saved go, refit on all the images, until the MACs are at `target_macs`. No layer
+    keeps under MIN_KEEP, and residual-stage channels stay whole (under compensation they
+    score on the naive path). Returns the pruned network and the residual layers left whole."""
     scoring = ScoringSet.from_any(data, num_classes).to(device_of(model))
+    fit, judge = _halves(data, num_classes, device_of(model))
     surgery = Surgery(copy.deepcopy(model), scoring.example())
     residual = [n for n in surgery.conv_layers() if surgery.kind(n) == "residual"]
     layers = group_leaders(surgery, [n for n in surgery.conv_layers() if n not in residual])
     floors = {n: max(1, math.ceil(MIN_KEEP * surgery.size(n))) for n in layers}
-    shape = scoring.example().shape[1:]
-    start = macs = macs_params(surgery.model, shape)[0]
+    share = 1.0
     bar = tqdm(total=round(100 * (1 - config.target_macs)), desc="block CAR (% of MACs saved)",
                disable=not config.progress)
-    while macs > config.target_macs * start:
+    while share > config.target_macs:
         blocks = _blocks(surgery, layers, floors, scoring, config.block_fraction)
         if not blocks:
-            warnings.warn(f"block CAR stopped at {macs / start:.1%} of the MACs, short of "
+            warnings.warn(f"block CAR stopped at {share:.1%} of the MACs, short of "
                           f"{config.target_macs:.0%}: every layer is at its floor", stacklevel=2)
             break
-        units = {n: [Unit(n, c) for c in chans] for n, chans in blocks.items()}
-        p = inverses(surgery, list(consumers_of(surgery, [u for us in units.values()
-                                                          for u in us])), scoring.batches)
-        keys = {}
-        for n, us in units.items():
-            costs = unit_costs(surgery, n, "macs")
-            saved = sum(costs[u.channel] for u in us)
-            wrong, loss = _lost(surgery, us, p, scoring)
-            keys[n] = (wrong / saved, loss / saved)
+        keys = _costs(surgery, {n: [Unit(n, c) for c in chans] for n, chans in blocks.items()},
+                      fit, judge)
         for n in sorted(keys, key=keys.get)[:config.blocks_per_round]:
-            compensated_remove(surgery, n, blocks[n], scoring.batches)
-            macs = macs_params(surgery.model, shape)[0]
-            bar.update(min(bar.total, round(100 * (start - macs) / start)) - bar.n)
-            if macs <= config.target_macs * start:
+            compensated_remove(surgery, n, blocks[n], scoring.batches, BLOCK_DAMPING)
+            share = curve(surgery.model)
+            bar.update(min(bar.total, round(100 * (1 - share))) - bar.n)
+            if share <= config.target_macs:
                 break
     bar.close()
     return surgery.model, residual
@@ -372,23 +411,21 @@ def global_pruning(model: nn.Module, split: Split, config: RealConfig,
                    num_classes: int) -> dict:
     """Post-training global pruning to `target_macs`: block CAR with compensation (on the
     first `global_images` scoring windows), then Torch-Pruning's global magnitude and Taylor
-    pruning down to the MACs block CAR reached; agreement on test."""
-    shape = split.scoring.tensors[0].shape[1:]
-    start = macs_params(model, shape)[0]
+    pruning down to the MACs block CAR reached; agreement on test, at the end and on the way
+    (CURVE_MACS)."""
+    start = macs_params(model, split.test.tensors[0].shape[1:])[0]
     data = TensorDataset(*(t[:config.global_images] for t in split.scoring.tensors))
-    began = time.perf_counter()
-    car, residual = block_car(model, data, config, num_classes)
-    results = {"car-compensate": {"seconds": round(time.perf_counter() - began, 1),
-                                  "model": car}}
-    macs = macs_params(car, shape)[0]
-    for name in ("magnitude", "taylor"):
-        began = time.perf_counter()
-        pruned = torch_pruning(model, data, macs, name)
-        results[f"tp-{name}"] = {"seconds": round(time.perf_counter() - began, 1),
-                                 "model": pruned}
-    for entry in results.values():
-        pruned = entry.pop("model")
-        entry.update(agreement(pruned, split.test), macs=macs_params(pruned, shape)[0] / start)
+    results, target = {}, config.target_macs
+    for name in ("car-compensate", "tp-magnitude", "tp-taylor"):
+        began, curve = time.perf_counter(), Curve(split.test, start)
+        if name == "car-compensate":
+            pruned, residual = block_car(model, data, config, num_classes, curve)
+            target = curve(pruned)  # Torch-Pruning goes down to the MACs block CAR reached
+        else:
+            pruned = torch_pruning(model, data, target, name[3:], curve)
+        results[name] = {"seconds": round(time.perf_counter() - began - curve.seconds, 1),
+                         **agreement(pruned, split.test), "macs": curve(pruned),
+                         "curve": curve.points}
     return {"methods": results, "images": len(data), "ignored_residual_layers": residual,
             "block_fraction": config.block_fraction,
             "blocks_per_round": config.blocks_per_round}

@@ -51,15 +51,18 @@ class ClassImportance:
     def _ranked(self, f: int, k: int, descending: bool) -> list[tuple[str, float]]:
         row = self.matrix[f]
         present = [c for c in range(len(self.classes)) if not math.isnan(row[c])]
-        order = sorted(present, key=lambda c: (-row[c] if descending else row[c], c))
+        order = sorted(present, key=lambda c: (-row[c] if descending else row[c],
+                                               -self.class_totals[c], c))
         return [(self.classes[c], float(row[c])) for c in order[:k]]
 
     def most(self, f: int, k: int = 3) -> list[tuple[str, float]]:
-        """The k classes that lose the most accuracy without filter f (ties: lower class id)."""
+        """The k classes that lose the most accuracy without filter f (ties: the class with
+        more scoring images, where the share stands on more evidence; then lower class id)."""
         return self._ranked(f, k, descending=True)
 
     def least(self, f: int, k: int = 3) -> list[tuple[str, float]]:
-        """The k classes that lose the least (or gain the most) without filter f."""
+        """The k classes that lose the least (or gain the most) without filter f (ties as in
+        `most`)."""
         return self._ranked(f, k, descending=False)
 
     def to_json(self, k: int = 3) -> dict:

@@ -82,8 +82,10 @@ def network_section(net, result: dict, orders: dict, split, progress: bool) -> s
         parts.append(img_tag(curves_figure(curves, layer, filters), f"{layer} curves"))
     methods = result["global"]["methods"]
     parts.append("<h3>Post-training global pruning, no fine-tuning</h3>" + _table(
-        ["method", "MACs left", "top-1", "top-5", "seconds"],
-        [[m, v["macs"], v["top1"], v.get("top5", "-"), v["seconds"]] for m, v in methods.items()]))
+        ["method", "MACs left", "top-1", "top-5", "seconds", "on the way (MACs: top-1)"],
+        [[m, v["macs"], v["top1"], v.get("top5", "-"), v["seconds"],
+          ", ".join(f"{p['macs']:.2f}: {p['top1']:.3f}" for p in v["curve"])]
+         for m, v in methods.items()]))
     first, colour = net.layers[0], result["colour"]
     car = orders[first]["car"][0]
     weight = net.model.get_submodule(first).weight.detach().cpu()

@@ -129,12 +129,15 @@ class Surgery:
         layer is built (and cached until the next removal); a unit's items are the indices whose
         root index is the unit's channel."""
         if layer not in self._groups:
-            items = [(item.dep, list(item.idxs), list(item.root_idxs))
-                     for item in self.group(layer, range(self.size(layer)))]
-            self._groups[layer] = {c: [(dep, [i for i, r in zip(idxs, roots, strict=True)
-                                              if r == c]) for dep, idxs, roots in items]
-                                   for c in range(self.size(layer))}
-        return [(dep, idxs) for dep, idxs in self._groups[layer][channel] if idxs]
+            units: dict[int, list] = {c: [] for c in range(self.size(layer))}
+            for item in self.group(layer, range(self.size(layer))):
+                mine: dict[int, list[int]] = {}
+                for i, root in zip(item.idxs, item.root_idxs, strict=True):
+                    mine.setdefault(root, []).append(i)
+                for c, idxs in mine.items():
+                    units[c].append((item.dep, idxs))
+            self._groups[layer] = units
+        return self._groups[layer][channel]
 
     def producing(self, layer: str, channel: int) -> dict[str, list[int]]:
         """Module name -> output indices of everything whose parameters make the unit's channel

@@ -45,7 +45,7 @@ from .models.shipped import imagenet_classes, load_shipped
 from .prune import group_leaders
 from .scoring import ScoringSet
 from .scoring.first_order import first_order
-from .scoring.graph import inference
+from .scoring.graph import inference, trace
 
 SCORING_PHOTOS = ("astronaut", "coffee", "rocket", "china", "bus", "department_store", "group")
 TEST_PHOTOS = ("chelsea", "grace_hopper", "flower", "motorcycle", "zidane", "luispedro")
@@ -333,11 +333,13 @@ def _blocks(surgery: Surgery, layers: list[str], floors: dict[str, int],
 
 
 @torch.inference_mode()
-def _lost(surgery: Surgery, units: list[Unit], p: dict, scoring: ScoringSet) -> tuple:
-    """(images whose label changes, summed loss) without the units, their consumers refit."""
+def _lost(surgery: Surgery, units: list[Unit], p: dict, scoring: ScoringSet,
+          traced: torch.fx.GraphModule | None = None) -> tuple:
+    """(images whose label changes, summed loss) without the units, their consumers refit
+    (`traced`: the network's trace, if the caller has one)."""
     wrong, loss = 0, 0.0
     with surgery.ablated(units), refitted(surgery, units, p):
-        run = inference(surgery.model)
+        run = inference(surgery.model, traced)
         for x, y in scoring.batches:
             out = run(x)
             wrong += int((out.argmax(1) != y).sum())
@@ -359,11 +361,11 @@ def _costs(surgery: Surgery, units: dict[str, list[Unit]], fit: ScoringSet,
     block's consumers refit on `fit`."""
     p = inverses(surgery, list(consumers_of(surgery, [u for us in units.values() for u in us])),
                  fit.batches, BLOCK_DAMPING)
-    keys = {}
+    keys, traced = {}, trace(surgery.model)
     for n, us in units.items():
         costs = unit_costs(surgery, n, "macs")
         saved = sum(costs[u.channel] for u in us)
-        wrong, loss = _lost(surgery, us, p, judge)
+        wrong, loss = _lost(surgery, us, p, judge, traced)
         keys[n] = (wrong / saved, loss / saved)
     return keys
 

@@ -150,10 +150,12 @@ def _attribute(module: nn.Module, target: str):
     return getattr(module.get_submodule(owner) if owner else module, name)
 
 
-def inference(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+def inference(model: nn.Module, traced: fx.GraphModule | None = None
+              ) -> Callable[[torch.Tensor], torch.Tensor]:
     """`model` as its weights are now, for inference only: BatchNorms folded into their convs
     (`folded`) and images fed channels_last, about 3x faster for a MobileNet on CPU; the model
-    itself where fx cannot trace it. Build it anew after any change to the weights."""
-    traced = trace(model)
+    itself where fx cannot trace it. Build it anew after any change to the weights. `traced`:
+    the model's `trace`, where the caller keeps one (its structure unchanged since)."""
+    traced = traced or trace(model)
     run = model if traced is None else folded(traced)
     return lambda x: run(x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x)

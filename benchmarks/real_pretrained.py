@@ -94,7 +94,7 @@ def summary_lines(name: str, result: dict) -> list[str]:
     lines.append("  global to {:.2f} of the MACs: ".format(g["car-compensate"]["macs"]) +
                  ", ".join(f"{m} {v['top1']:.3f}" for m, v in g.items()))
     for i, point in enumerate(g["car-compensate"]["curve"]):
-        lines.append(f"    on the way, at {point['macs']:.2f}: " + ", ".join(
+        lines.append(f"    on the way, at {point['level']} of the MACs: " + ", ".join(
             f"{m} {v['curve'][i]['top1']:.3f}" for m, v in g.items() if i < len(v["curve"])))
     colour = result["colour"]
     if colour is not None:

@@ -114,7 +114,8 @@ def test_block_car_removes_the_blocks_its_definition_picks():
         {n: 8 - (2 if n == best else 0) for n in ("a", "b")}
     share = real.macs_params(pruned, x.shape[1:])[0] / start
     assert share < 0.9
-    assert curve.points == [{"macs": share, **real.agreement(pruned, data)}]
+    assert curve.points == [{"level": level, "macs": share, **real.agreement(pruned, data)}
+                            for level in real.CURVE_MACS if share <= level]
 
 
 def test_shipped_refuses_a_missing_package(monkeypatch):

@@ -274,8 +274,9 @@ def _mean(results: list[dict]) -> dict:
 
 
 class Curve:
-    """A global run's agreement on test the first time its MACs fall to each of CURVE_MACS,
-    and the seconds those evaluations took (not the run's)."""
+    """A global run's agreement on test the first time its MACs fall to each level of
+    CURVE_MACS (one point per level, so that runs line up), and the seconds those evaluations
+    took (not the run's)."""
 
     def __init__(self, test: TensorDataset, start: float):
         self.test, self.start = test, start
@@ -284,10 +285,12 @@ class Curve:
     def __call__(self, model: nn.Module) -> float:
         """The model's share of the starting MACs, its agreement kept if it passed a level."""
         share = macs_params(model, self.test.tensors[0].shape[1:])[0] / self.start
-        if self.left and share <= self.left[0]:
+        passed = [level for level in self.left if share <= level]
+        if passed:
             began = time.perf_counter()
-            self.left = [level for level in self.left if level < share]
-            self.points.append({"macs": share, **agreement(model, self.test)})
+            kept = agreement(model, self.test)
+            self.points += [{"level": level, "macs": share, **kept} for level in passed]
+            self.left = self.left[len(passed):]
             self.seconds += time.perf_counter() - began
         return share
 

@@ -162,9 +162,10 @@ def _optimizer(model: nn.Module, lr: float, weight_decay: float, epochs: int, st
     opt = torch.optim.SGD([{"params": decay, "weight_decay": weight_decay},
                            {"params": no_decay, "weight_decay": 0.0}],
                           lr=lr, momentum=0.9, nesterov=True)
-    warmup = min(0.75, max(0.25, 1.5 / (epochs * steps)))  # OneCycleLR divides by zero
-    sched = torch.optim.lr_scheduler.OneCycleLR(  # when a quarter of the steps is one step
-        opt, max_lr=lr, epochs=epochs, steps_per_epoch=steps, pct_start=warmup)
+    # a quarter of the steps warms up; at least 1.5 (OneCycleLR divides by zero at exactly 1)
+    warmup = min(0.75, max(0.25, 1.5 / (epochs * steps)))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, epochs=epochs,
+                                                steps_per_epoch=steps, pct_start=warmup)
     return opt, sched
 
 

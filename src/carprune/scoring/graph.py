@@ -156,6 +156,6 @@ def inference(model: nn.Module, traced: fx.GraphModule | None = None
     (`folded`) and images fed channels_last, about 3x faster for a MobileNet on CPU; the model
     itself where fx cannot trace it. Build it anew after any change to the weights. `traced`:
     the model's `trace`, where the caller keeps one (its structure unchanged since)."""
-    traced = traced or trace(model)
+    traced = trace(model) if traced is None else traced
     run = model if traced is None else folded(traced)
     return lambda x: run(x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x)

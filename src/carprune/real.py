@@ -351,11 +351,12 @@ def _lost(surgery: Surgery, units: list[Unit], p: dict, scoring: ScoringSet,
 
 
 def _halves(data: TensorDataset, num_classes: int, device) -> tuple[ScoringSet, ScoringSet]:
-    """The first and second half of the images (a single image serves as both)."""
-    half = max(1, len(data) // 2)
+    """The first and second half of the images (the second takes an odd one out; a single
+    image serves as both)."""
+    half = len(data) // 2
     return tuple(ScoringSet.from_any(TensorDataset(*(t[part] for t in data.tensors)),
                                      num_classes).to(device)
-                 for part in (slice(None, half), slice(len(data) - half, None)))
+                 for part in (slice(None, max(1, half)), slice(half, None)))
 
 
 def _costs(surgery: Surgery, units: dict[str, list[Unit]], fit: ScoringSet,
@@ -425,12 +426,13 @@ def global_pruning(model: nn.Module, split: Split, config: RealConfig,
         began, curve = time.perf_counter(), Curve(split.test, start)
         if name == "car-compensate":
             pruned, residual = block_car(model, data, config, num_classes, curve)
-            target = curve(pruned)  # Torch-Pruning goes down to the MACs block CAR reached
         else:
             pruned = torch_pruning(model, data, target, name[3:], curve)
-        results[name] = {"seconds": round(time.perf_counter() - began - curve.seconds, 1),
-                         **agreement(pruned, split.test), "macs": curve(pruned),
-                         "curve": curve.points}
+        seconds, share = time.perf_counter() - began - curve.seconds, curve(pruned)
+        if name == "car-compensate":
+            target = share  # Torch-Pruning goes down to the MACs block CAR reached
+        results[name] = {"seconds": round(seconds, 1), **agreement(pruned, split.test),
+                         "macs": share, "curve": curve.points}
     return {"methods": results, "images": len(data), "ignored_residual_layers": residual,
             "block_fraction": config.block_fraction,
             "blocks_per_round": config.blocks_per_round}

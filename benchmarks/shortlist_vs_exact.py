@@ -1,11 +1,13 @@
-"""The approximate --shortlist mode of global CAR against exact greedy (step 1, every unit
-every round) on the same scoring set: seconds, speed-up, the units both removed, and test
-accuracy before fine-tuning and after one epoch (exact fine-tuned with several seeds, for its
-seed range). Issue targets: >= 10x faster, within 1 point of exact before fine-tuning, within
-exact's seed range after.
+"""The approximate --shortlist mode of global CAR (with or without --race) against exact
+greedy (step 1, every unit every round) on the same scoring set: seconds, speed-up, the units
+both removed, and test accuracy before fine-tuning and after one epoch (exact fine-tuned with
+several seeds, for its seed range). Issue targets: >= 10x faster, within 1 point of exact
+before fine-tuning, within exact's seed range after. Each mode is SHORTLIST/STEP[/RACE].
 
-    python benchmarks/shortlist_vs_exact.py convnet-fmnist --images 2000 --target 0.5
-    python benchmarks/shortlist_vs_exact.py resnet20-fmnist --images 128 --target 0.8
+    python benchmarks/shortlist_vs_exact.py convnet-fmnist --images 2000 --target 0.5 \
+        --modes 64/4/250 24/2/250
+    python benchmarks/shortlist_vs_exact.py resnet20-fmnist --images 128 --target 0.8 \
+        --modes 16/1 24/2
 
 Prints one table and writes runs/bench/shortlist_vs_exact-CHECKPOINT.json.
 """
@@ -34,16 +36,18 @@ def main() -> None:
     parser.add_argument("checkpoint")
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--target", type=float, default=0.5)
-    parser.add_argument("--shortlist", type=int, default=32)
-    parser.add_argument("--step", type=int, default=4)
+    parser.add_argument("--modes", nargs="+", default=["32/4"],
+                        help="approximate modes, each SHORTLIST/STEP or SHORTLIST/STEP/RACE")
     parser.add_argument("--train-samples", type=int, default=10000)
     parser.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args()
     data = load_data("fashion-mnist")
     model = cp.load(args.checkpoint)
     scoring, train = first(data.val, args.images), first(data.train, args.train_samples)
-    runs = {"exact": {}, f"--shortlist {args.shortlist} --step {args.step}":
-            {"shortlist": args.shortlist, "step": args.step}}
+    runs = {"exact": {}}
+    for mode in args.modes:
+        values = dict(zip(("shortlist", "step", "race"), map(int, mode.split("/")), strict=False))
+        runs[" ".join(f"--{k} {v}" for k, v in values.items())] = values
     rows, report = [], {}
     for name, kwargs in runs.items():
         result, steps = global_car_prune(model, scoring, args.target, **kwargs)

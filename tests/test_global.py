@@ -255,6 +255,23 @@ def test_depthwise_and_concat_networks_prune_and_run(name, compensate, zoo_train
     assert torch.equal(cp.load(tmp_path / "m")(x), result.model(x))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name, kwargs", [("tiny", {}), ("tiny", {"shortlist": 5, "step": 2}),
+                                          ("mobilenet", {"shortlist": 12}),
+                                          ("inception", {"shortlist": 12})])
+def test_whole_global_runs_pick_what_the_naive_engine_picks(name, kwargs, tiny, zoo_trained,
+                                                            fmnist):
+    """Round after round, the fast engine's caches (kept across removals in other layers) and
+    its shortlisted im2col must leave every pick as the naive engine's."""
+    model = tiny if name == "tiny" else zoo_trained(name)
+    runs = [global_car_prune(model, subset(fmnist.val, 64), target=0.4 if name == "tiny" else 0.85,
+                             min_keep=0.0,
+                             engine=engine, progress=False, **kwargs)[1]
+            for engine in ("naive", "fast")]
+    assert len(runs[0]) >= 3
+    assert [(s.layer, s.removed) for s in runs[0]] == [(s.layer, s.removed) for s in runs[1]]
+
+
 def test_car_importance_inside_torch_pruning(baseline, fmnist):
     scoring = subset(fmnist.val, 200)
     model = copy.deepcopy(baseline)
@@ -356,6 +373,46 @@ def test_shortlist_scores_only_the_shortlist_from_the_first_round(tiny, fmnist, 
     assert "round 1: scored 5 units in" in out
 
 
+def test_race_scores_the_shortlist_on_its_images_and_only_the_finalists_on_all(
+        tiny, fmnist, monkeypatch):
+    """Round 1 by hand: the shortlist of 5 by the estimate on the first 50 images, its best 2
+    by their own CAR on those 50, and of these the one that loses least on all 200 goes."""
+    from carprune.scoring import ScoringSet
+    from carprune.scoring.first_order import first_order
+
+    scoring = subset(fmnist.val, 200)
+    x, y = scoring.tensors
+    calls = candidates_scored(monkeypatch)
+    _, steps = global_car_prune(tiny, scoring, target=0.7, min_keep=0.0, shortlist=5, step=1,
+                                race=50, progress=False)
+    monkeypatch.undo()
+    assert calls[:4] == [5, 2, 5, 2]
+
+    def key(u, scores):
+        lost, worse = scores[u]
+        cost = by_hand_cost(tiny, *u)
+        return by_hand_efficiency(lost, cost), by_hand_efficiency(worse, cost), int(u[0][-1]), u[1]
+    surgery = Surgery(copy.deepcopy(tiny).eval(), x[:1])
+    estimate = first_order(surgery, ["conv1", "conv2", "conv3"],
+                           ScoringSet.from_any(subset(fmnist.val, 50), 10))
+    listed = sorted(((u.layer, u.channel) for u in estimate), key=lambda u: (
+        estimate[Unit(*u)] / by_hand_cost(tiny, *u), int(u[0][-1]), u[1]))[:5]
+    gone = {"conv1": [], "conv2": [], "conv3": []}
+    few = unit_scores(tiny, x[:50], y[:50], gone)
+    finalists = sorted(listed, key=lambda u: key(u, few))[:2]
+    best = min(finalists, key=lambda u: key(u, unit_scores(tiny, x, y, gone)))
+    assert (steps[0].layer, steps[0].removed) == (best[0], [best[1]])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"race": 50}, "give --shortlist M with it"),
+    ({"race": 0, "shortlist": 5}, "at least 1"),
+    ({"race": 200, "shortlist": 5}, "must be fewer than the 200 scoring images")])
+def test_race_refuses_what_cannot_race(tiny, fmnist, kwargs, message):
+    with pytest.raises(cp.CarpruneError, match=message):
+        global_car_prune(tiny, subset(fmnist.val, 200), target=0.7, progress=False, **kwargs)
+
+
 def test_the_run_estimate_is_arithmetic_on_the_timed_costs():
     from carprune import estimate
 
@@ -367,4 +424,7 @@ def test_the_run_estimate_is_arithmetic_on_the_timed_costs():
     assert estimate.run_seconds(costs, sizes, 3, 1, None, None, 0.0) == (3, 3 * 13.5 * mean)
     assert estimate.run_seconds(costs, sizes, 6, 4, 2, None, 0.0) == (2, 15 * mean + 2 * mean)
     assert estimate.run_seconds(costs, sizes, 6, 4, None, 8, 3.0) == (2, 2 * (3 + 8 * mean))
+    # raced on a quarter of the images: 8 candidates there, then 2 x 2 finalists on all
+    assert estimate.run_seconds(costs, sizes, 6, 2, None, 8, 3.0, 0.25) == \
+        pytest.approx((3, 3 * (3 + (8 * 0.25 + 4) * mean)))
     assert estimate.say(42) == "42 s" and estimate.say(450) == "7.5 min"

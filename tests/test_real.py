@@ -107,7 +107,7 @@ def test_block_car_removes_the_blocks_its_definition_picks():
         p = real.inverses(surgery, list(real.consumers_of(surgery, units)), fit.batches,
                           real.BLOCK_DAMPING)
         wrong, loss = real._lost(surgery, units, p, judge)
-        saved = sum(real.unit_costs(surgery, layer, "macs")[c] for c in chans)
+        saved = sum(real.unit_costs(surgery, [layer], "macs")[layer][c] for c in chans)
         keys[layer] = (wrong / saved, loss / saved)
     best = min(keys, key=keys.get)
     assert {n: m.out_channels for n, m in pruned.named_modules() if n in ("a", "b")} == \

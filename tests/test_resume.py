@@ -107,6 +107,11 @@ def test_other_configuration_refused_and_restart_discards(tmp_path):
         RunState.open(tmp_path / "run", {"keep": 0.25, "layers": ["conv1"]})
     resumed = RunState.open(tmp_path / "run", {"keep": 0.5, "layers": ["conv1"]})
     assert resumed.saved["val_before"] == 0.9
+    # an option added since (here --race), left unset, resumes the older run
+    newer = RunState.open(tmp_path / "run", {"keep": 0.5, "layers": ["conv1"], "race": None})
+    assert newer.saved["val_before"] == 0.9
+    with pytest.raises(CarpruneError, match=r"\(race differ\)"):
+        RunState.open(tmp_path / "run", {"keep": 0.5, "layers": ["conv1"], "race": 64})
     fresh = RunState.open(tmp_path / "run", {"keep": 0.25, "layers": ["conv1"]}, restart=True)
     assert fresh.saved == {} and not (tmp_path / "run").exists()
     (tmp_path / "mine").mkdir()

@@ -204,6 +204,9 @@ class PruneConfig(DataOptions):
     shortlist: int | None = option(None, "approximate, for global runs on big networks: every "
                                    "round, from the first, score exactly only the M units a "
                                    "first-order estimate ranks first per saving", positive)
+    race: int | None = option(None, "approximate, with --shortlist: estimate and score the "
+                              "shortlist on the first N scoring images, then only its best "
+                              "2 x --step on all of them", positive)
     score_samples: int | None = option(None, "score on the first N val images only (default: "
                                        "all)", positive)
     engine: str = option("fast", "the scoring engine", choices=["fast", "naive"])
@@ -243,13 +246,13 @@ class PruneConfig(DataOptions):
                 raise CarpruneError("--round-to applies to global runs (--target-macs, "
                                     "--target-params or --target-latency-ms); per layer, give "
                                     "--keep as a count of filters")
-            if self.shortlist is not None:
-                raise CarpruneError("--shortlist applies to global runs (--target-macs, "
+            if self.shortlist is not None or self.race is not None:
+                raise CarpruneError("--shortlist and --race apply to global runs (--target-macs, "
                                     "--target-params or --target-latency-ms); per layer, use "
                                     "--screen")
         else:
             check_global(self.round_to, self.min_keep)
-            check_shortlist(self.shortlist, self.step, self.screen)
+            check_shortlist(self.shortlist, self.step, self.screen, self.race)
         if self.compensate and self.criterion != "car":
             raise CarpruneError(f"--compensate refits layers for CAR; it does not apply to "
                                 f"--criterion {self.criterion}, drop one of the two")

@@ -40,13 +40,17 @@ def round_seconds(costs: dict[str, tuple[float, float]], sizes: dict[str, int]) 
 
 def run_seconds(costs: dict[str, tuple[float, float]], sizes: dict[str, int], removals: int,
                 step: int, screen: int | None, shortlist: int | None,
-                first_order: float) -> tuple[int, float]:
+                first_order: float, race: float | None = None) -> tuple[int, float]:
     """(rounds, seconds) of a run that removes about `removals` units, `step` a round: exact
     rounds over the units left, one exact round then `screen` a round, or `shortlist` a round
-    after a first-order pass of `first_order` seconds."""
+    after a first-order pass of `first_order` seconds; a raced shortlist on the share `race`
+    of the images, then `2 * step` finalists on all."""
     units = sum(sizes.values())
     mean = round_seconds(costs, sizes) / units
     rounds = max(1, -(-removals // step))
+    if shortlist and race:
+        listed = min(shortlist, units)
+        return rounds, rounds * (first_order + (listed * race + min(2 * step, listed)) * mean)
     if shortlist:
         return rounds, rounds * (first_order + min(shortlist, units) * mean)
     if screen:

@@ -80,7 +80,8 @@ class Surgery:
         self.alive: dict[str, list[int]] = {
             name: list(range(m.out_channels)) for name, m in self.modules.items()
             if isinstance(m, nn.Conv2d)}
-        self.removals: list[tuple[str, list[int]]] = []
+        # (layer, original indices, names of every module its group changed) per removal
+        self.removals: list[tuple[str, list[int], frozenset[str]]] = []
         self._groups: dict[str, dict[int, list]] = {}  # layer -> channel -> group items
         self._grouped: dict[str, nn.Conv2d | None] = {}
 
@@ -226,13 +227,15 @@ class Surgery:
                                              or is_depthwise(m)):
                 touched[self.names[m]] = sorted(set(idxs))
         original = [self.alive[layer][c] for c in channels]
+        changed = frozenset(self.names[dep.target.module] for dep, _ in group
+                            if dep.target.module in self.names)
         group.prune()
         self.model.to(memory_format=torch.channels_last)  # pruned weights come back dense NCHW
         self._groups.clear()
         for name, idxs in touched.items():
             gone = set(idxs)
             self.alive[name] = [o for pos, o in enumerate(self.alive[name]) if pos not in gone]
-        self.removals.append((layer, original))
+        self.removals.append((layer, original, changed))
         return original
 
     def history(self) -> list:

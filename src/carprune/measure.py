@@ -44,31 +44,36 @@ def module_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
     return macs
 
 
-def unit_costs(surgery: Surgery, layer: str, kind: str = "macs") -> list[float]:
-    """What removing each unit of `layer` saves: MACs per image or parameters, summed over its
-    whole dependency group (its producers' output channels and its consumers' inputs)."""
+def unit_costs(surgery: Surgery, layers: Sequence[str],
+               kind: str = "macs") -> dict[str, list[float]]:
+    """Per layer of `layers`, what removing each of its units saves: MACs per image or
+    parameters, summed over the unit's whole dependency group (its producers' output channels
+    and its consumers' inputs). The MACs are counted once for all layers."""
     if kind not in ("macs", "params"):
         raise CarpruneError(f"unknown cost {kind!r}; use macs, params or latency")
     macs = module_macs(surgery.model, surgery.example_inputs) if kind == "macs" else {}
-    costs = []
-    for channel in range(surgery.size(layer)):
-        total = 0.0
-        for dep, idxs in surgery.unit_group(layer, channel):
-            m = dep.target.module
-            if isinstance(m, NORMS) and kind == "params":
-                total += 2 * len(idxs)
-            if not isinstance(m, (nn.Conv2d, nn.Linear)):
-                continue
-            produces = surgery.dg.is_out_channel_pruning_fn(dep.handler) or is_depthwise(m)
-            width = m.weight.shape[0] if produces else m.weight.shape[1] * getattr(m, "groups", 1)
-            share = len(idxs) / width
-            if kind == "macs":
-                total += macs[surgery.names[m]] * share
-            else:
-                total += m.weight.numel() * share
-                total += len(idxs) if produces and m.bias is not None else 0
-        costs.append(total)
-    return costs
+    return {n: [_unit_cost(surgery, n, c, kind, macs) for c in range(surgery.size(n))]
+            for n in layers}
+
+
+def _unit_cost(surgery: Surgery, layer: str, channel: int, kind: str,
+               macs: dict[str, int]) -> float:
+    total = 0.0
+    for dep, idxs in surgery.unit_group(layer, channel):
+        m = dep.target.module
+        if isinstance(m, NORMS) and kind == "params":
+            total += 2 * len(idxs)
+        if not isinstance(m, (nn.Conv2d, nn.Linear)):
+            continue
+        produces = surgery.dg.is_out_channel_pruning_fn(dep.handler) or is_depthwise(m)
+        width = m.weight.shape[0] if produces else m.weight.shape[1] * getattr(m, "groups", 1)
+        share = len(idxs) / width
+        if kind == "macs":
+            total += macs[surgery.names[m]] * share
+        else:
+            total += m.weight.numel() * share
+            total += len(idxs) if produces and m.bias is not None else 0
+    return total
 
 
 def latency_costs(surgery: Surgery, layers: Sequence[str], repeats: int = 50) -> dict[str, float]:

@@ -366,9 +366,9 @@ def _costs(surgery: Surgery, units: dict[str, list[Unit]], fit: ScoringSet,
     p = inverses(surgery, list(consumers_of(surgery, [u for us in units.values() for u in us])),
                  fit.batches, BLOCK_DAMPING)
     keys, traced = {}, trace(surgery.model)
+    costs = unit_costs(surgery, list(units), "macs")
     for n, us in units.items():
-        costs = unit_costs(surgery, n, "macs")
-        saved = sum(costs[u.channel] for u in us)
+        saved = sum(costs[n][u.channel] for u in us)
         wrong, loss = _lost(surgery, us, p, judge, traced)
         keys[n] = (wrong / saved, loss / saved)
     return keys

@@ -56,9 +56,9 @@ class RunState:
         state_file = out / STATE_DIR / "state.json"
         if state_file.is_file():
             saved = read_json(state_file)
-            if saved.get("config") != config:
-                old = saved.get("config", {})
-                diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+            old = saved.get("config", {})  # an option added since, unset, is no difference
+            diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+            if diff:
                 raise CarpruneError(f"{out} holds an unfinished run with a different "
                                     f"configuration ({', '.join(diff)} differ); run the same "
                                     "command to resume it, or add --restart to discard it")

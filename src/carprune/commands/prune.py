@@ -137,7 +137,8 @@ def _prune(config: PruneConfig, model: nn.Module, scoring, num_classes: int,
         return global_car_prune(
             model, scoring, target, layers=config.layers, budget=budget, cost=config.cost,
             min_keep=config.min_keep, step=config.step, screen=config.screen,
-            shortlist=config.shortlist, round_to=config.round_to, compensate=config.compensate,
+            shortlist=config.shortlist, race=config.race, round_to=config.round_to,
+            compensate=config.compensate,
             ignore=config.ignore or (), engine=config.engine, memory_budget=memory,
             num_classes=num_classes, done=state.global_progress(), on_round=state.save_global)
     if config.criterion == "car":
@@ -157,7 +158,8 @@ def _summary(config: PruneConfig, source: str, result, global_steps, before: dic
     summary = {
         "command": command_line(), "config": config.to_json(), "checkpoint": source,
         "criterion": config.criterion, "engine": result.engine, "step": config.step,
-        "screen": config.screen, "shortlist": config.shortlist, "keep": config.keep,
+        "screen": config.screen, "shortlist": config.shortlist, "race": config.race,
+        "keep": config.keep,
         "compensate": config.compensate,
         "score_samples": score_images,
         "seconds": {"prune": result.seconds, "finetune": finetune_seconds},

@@ -82,6 +82,7 @@ class _Plan:
 
 @dataclass
 class _Cache:
+    scoring: ScoringSet           # the images X is of
     alive: list[int]              # original indices of L's channels when X was computed
     feeds: list[list[int]]        # per channel of L: the consumer input indices it feeds
     removals: int                 # len(surgery.removals) when X was computed
@@ -248,17 +249,19 @@ def _window_max_pools(tail: fx.GraphModule) -> None:
     tail.recompile()
 
 
-def _columns(plan: _Plan, x: torch.Tensor, z: torch.Tensor):
+def _columns(plan: _Plan, x: torch.Tensor, z: torch.Tensor, needed: torch.Tensor | None):
     """Per batch, once: the consumer's input arranged per input index, and its output z (only
     the positions the tail reads) laid out for subtraction. Conv: im2col patches
-    (C, B*L, kh*kw) and z as (1, B*L, C'), L the positions read; linear: the flattened features
-    (B, F) and z itself. Returns them and z cropped."""
+    (C, B*L, kh*kw) of the input channels `needed` (all when None) and z as (1, B*L, C'), L the
+    positions read; linear: the flattened features (B, F) and z itself. Returns them and z
+    cropped."""
     consumer = plan.consumer
     if isinstance(consumer, nn.Conv2d):
         kh, kw = consumer.kernel_size
         b, _, height, width = z.shape
         h, w = plan.used(height, width)
         z = z[:, :, :h, :w]
+        x = x if needed is None else x[:, needed]
         cols = F.unfold(x, (kh, kw), consumer.dilation, consumer.padding, consumer.stride)
         cols = cols.view(b, -1, kh * kw, height, width)[..., :h, :w]
         cols = cols.permute(1, 0, 3, 4, 2).reshape(-1, b * h * w, kh * kw)
@@ -295,6 +298,31 @@ def _without(weight: torch.Tensor, cols: torch.Tensor, zl: torch.Tensor, z: torc
     return (z.unsqueeze(0) - contrib).reshape(k * b, -1)
 
 
+def _modules_run(graph_module: fx.GraphModule) -> set[str]:
+    """The names of the modules a graph calls or reads parameters of (a removal that changes
+    none of them, nor anything inside them, leaves its outputs as they were)."""
+    out = set()
+    for node in graph_module.graph.nodes:
+        if node.op == "call_module":
+            out.add(node.target)
+        elif node.op == "get_attr":
+            out.add(node.target.rpartition(".")[0])
+    return out
+
+
+def _needed(plan: _Plan, idx: torch.Tensor, weight: torch.Tensor,
+            uncompensated: bool) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """When a conv consumer reads more channels than the candidates feed (a shortlist), the
+    input channels they feed, the candidates' indices among them and the consumer's weight on
+    them, so that im2col unfolds only those; else (None, idx, weight). The compensated
+    consumer reads every channel."""
+    needed = torch.unique(idx)
+    if not uncompensated or not isinstance(plan.consumer, nn.Conv2d) \
+            or len(needed) == weight.shape[1]:
+        return None, idx, weight
+    return needed, torch.searchsorted(needed, idx), weight[:, needed]
+
+
 class FastEngine:
     """Exact CAR scores, same interface and same answers as NaiveEngine, much less work."""
 
@@ -307,7 +335,7 @@ class FastEngine:
         self._surgery: Surgery | None = None  # what the traced graph, plans and caches are of
         self._traced: fx.GraphModule | None = None
         self._plans: dict[str, _Plan | MaskPlan | None] = {}
-        self._caches: dict[str, _Cache] = {}
+        self._caches: dict[tuple[str, int], _Cache] = {}  # by layer and scoring set
 
     def score(self, surgery: Surgery, units: Sequence[Unit], scoring: ScoringSet,
               advance: Callable[[int], None] = lambda n: None) -> tuple[Scores, Scores]:
@@ -317,9 +345,9 @@ class FastEngine:
         result = Scores.zeros(len(units), scoring.num_classes)
         result.total = scoring.total
         base = None
-        for layer, positions in rows.items():
+        for layer, positions in rows.items():  # the network's own tallies once, with the first
             layer_base, scores = self._score(surgery, layer, [units[p] for p in positions],
-                                             scoring, advance)
+                                             scoring, advance, base is None)
             base = base or layer_base
             index = torch.tensor(positions)
             result.correct[index] = scores.correct
@@ -342,13 +370,15 @@ class FastEngine:
         return self._plans[layer]
 
     def _score(self, surgery: Surgery, layer: str, units: Sequence[Unit], scoring: ScoringSet,
-               advance: Callable[[int], None]) -> tuple[Scores, Scores]:
+               advance: Callable[[int], None], with_base: bool) -> tuple[Scores | None, Scores]:
+        """(base, candidates) tallies of one layer's units; base only `with_base`."""
         plan = self.plan(surgery, layer)
         if isinstance(plan, _Plan):
-            return self._score_layer(surgery, plan, layer, units, scoring, advance)
+            return self._score_layer(surgery, plan, layer, units, scoring, advance, with_base)
         if isinstance(plan, MaskPlan) and not self.compensate:
             chunk = min(TAIL_BATCH_BYTES, self.memory_budget // 8)
-            return score_masked(plan, surgery, layer, units, scoring, chunk, advance)
+            return score_masked(plan, surgery, layer, units, scoring, chunk, advance,
+                                with_base)
         return self.naive.score(surgery, units, scoring, advance)
 
     @torch.inference_mode()
@@ -367,12 +397,15 @@ class FastEngine:
     def _inputs(self, surgery: Surgery, plan: _Plan, layer: str,
                 scoring: ScoringSet) -> _Cache:
         """X and side inputs per batch, sliced from the cache when only L lost channels since
-        it was filled (upstream of the consumer nothing else changed), else recomputed."""
+        it was filled or other removals changed no module the head runs, else recomputed."""
         alive = list(surgery.alive[layer])
         feeds = [plan.in_index(c) for c in range(len(alive))]
-        cache = self._caches.get(layer)
-        if cache is not None and all(name == layer
-                                     for name, _ in surgery.removals[cache.removals:]):
+        cache = self._caches.get((layer, id(scoring)))
+        runs = _modules_run(plan.head)
+        if cache is not None and cache.scoring is scoring and all(
+                name == layer or not any(c == r or c.startswith(f"{r}.") or not r
+                                         for c in changed for r in runs)
+                for name, _, changed in surgery.removals[cache.removals:]):
             gone = {i for pos, o in enumerate(cache.alive) if o not in alive
                     for i in cache.feeds[pos]}  # X may hold other layers' channels (concat)
             keep = [i for i in range(cache.inputs[0].shape[1]) if i not in gone]
@@ -384,13 +417,14 @@ class FastEngine:
                 out = plan.head(x)
                 inputs.append(out[0])
                 sides.append(tuple(out[1:]))
-        cache = _Cache(alive, feeds, len(surgery.removals), inputs, sides)
-        self._caches[layer] = cache
+        cache = _Cache(scoring, alive, feeds, len(surgery.removals), inputs, sides)
+        self._caches[layer, id(scoring)] = cache
         return cache
 
     @torch.inference_mode()
     def _score_layer(self, surgery: Surgery, plan: _Plan, layer: str, units: Sequence[Unit],
-                     scoring: ScoringSet, advance) -> tuple[Scores, Scores]:
+                     scoring: ScoringSet, advance,
+                     with_base: bool) -> tuple[Scores | None, Scores]:
         cache = self._inputs(surgery, plan, layer, scoring)
         idx = torch.tensor([cache.feeds[u.channel] for u in units],
                            device=scoring.batches[0][0].device)
@@ -406,18 +440,20 @@ class FastEngine:
             q = torch.stack([compensation.q_rows(p, compensation.columns(plan.consumer, feeds))
                              .to(weight.dtype) for feeds in idx.tolist()])
         for z, side, (_, y) in zip(full, cache.sides, scoring.batches, strict=True):
-            logits = tail(z.clone(), *[t.clone() for t in side])  # the tail may work in place
-            base.add_logits(slice(0, 1), logits.unsqueeze(0), y)
+            if with_base:  # the tail may work in place
+                logits = tail(z.clone(), *[t.clone() for t in side])
+                base.add_logits(slice(0, 1), logits.unsqueeze(0), y)
         # candidates per pass: about TAIL_BATCH_BYTES of consumer output (small enough to stay
         # in cache through the tail's memory-bound ops), never more than the memory budget
         sample = 4 * full[0][0].numel()
         batch = max(len(y) for _, y in scoring.batches)
         chunk = max(1, min(len(units), TAIL_BATCH_BYTES // (sample * batch),
                            self.memory_budget // (6 * sample * batch)))
+        needed, idx, weight = _needed(plan, idx, weight, q is None)
         done = 0.0
         for x, z, side, (_, y) in zip(cache.inputs, full, cache.sides, scoring.batches,
                                       strict=True):
-            cols, zl, z = _columns(plan, x, z)
+            cols, zl, z = _columns(plan, x, z, needed)
             for start in range(0, len(units), chunk):
                 rows = slice(start, min(start + chunk, len(units)))
                 k = rows.stop - rows.start
@@ -428,4 +464,4 @@ class FastEngine:
             advance(int(done + step) - int(done))
             done += step
         advance(len(units) - int(done))
-        return base, scores
+        return base if with_base else None, scores

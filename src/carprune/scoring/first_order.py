@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 
 from ..groups import Surgery, Unit
@@ -22,10 +23,10 @@ from .graph import trace
 from .masked import mask_points
 
 
-def _points(surgery: Surgery, layers: Sequence[str]) -> dict[str, list[str]]:
+def _points(surgery: Surgery, layers: Sequence[str],
+            traced: fx.GraphModule | None) -> dict[str, list[str]]:
     """Per layer, the modules whose outputs its units zero (every producer where fx cannot
     trace the model: an estimate either way)."""
-    traced = trace(surgery.model)
     out = {}
     for layer in layers:
         found = mask_points(traced, surgery, layer) if traced is not None else None
@@ -42,9 +43,11 @@ def _map(surgery: Surgery, layer: str, point: str, width: int) -> torch.Tensor:
     return out
 
 
-def first_order(surgery: Surgery, layers: Sequence[str], scoring: ScoringSet) -> dict[Unit, float]:
-    """Per unit of `layers`: the summed absolute first-order change of each image's loss."""
-    points = _points(surgery, layers)
+def first_order(surgery: Surgery, layers: Sequence[str], scoring: ScoringSet,
+                traced: fx.GraphModule | None = None) -> dict[Unit, float]:
+    """Per unit of `layers`: the summed absolute first-order change of each image's loss.
+    `traced`: the model's `trace`, where the caller keeps one (removals leave it valid)."""
+    points = _points(surgery, layers, trace(surgery.model) if traced is None else traced)
     maps: dict[tuple[str, str], torch.Tensor] = {}
     masks: dict[str, torch.Tensor] = {}
 

@@ -115,9 +115,10 @@ def _stacked(t: torch.Tensor, k: int) -> torch.Tensor:
 
 @torch.inference_mode()
 def score_masked(plan: MaskPlan, surgery: Surgery, layer: str, units: Sequence[Unit],
-                 scoring: ScoringSet, chunk_bytes: int,
-                 advance: Callable[[int], None]) -> tuple[Scores, Scores]:
-    """(base, candidates) tallies through the masked tail, `chunk_bytes` of tail inputs a pass."""
+                 scoring: ScoringSet, chunk_bytes: int, advance: Callable[[int], None],
+                 with_base: bool = True) -> tuple[Scores | None, Scores]:
+    """(base, candidates) tallies through the masked tail, `chunk_bytes` of tail inputs a pass;
+    base only `with_base`."""
     device = scoring.batches[0][0].device
     base = Scores.zeros(1, scoring.num_classes)
     scores = Scores.zeros(len(units), scoring.num_classes)
@@ -132,8 +133,9 @@ def score_masked(plan: MaskPlan, surgery: Surgery, layer: str, units: Sequence[U
     unmasked = _masks(surgery, layer, plan.points, [], device)
     done = 0.0
     for sides, (_, y) in zip(inputs, scoring.batches, strict=True):
-        logits = plan.tail(*[t.clone() for t in sides], *unmasked)
-        base.add_logits(slice(0, 1), logits.unsqueeze(0), y)
+        if with_base:
+            logits = plan.tail(*[t.clone() for t in sides], *unmasked)
+            base.add_logits(slice(0, 1), logits.unsqueeze(0), y)
         for rows, masks in parts:
             k = rows.stop - rows.start
             logits = plan.tail(*[_stacked(t, k) for t in sides], *masks)
@@ -142,4 +144,4 @@ def score_masked(plan: MaskPlan, surgery: Surgery, layer: str, units: Sequence[U
         advance(int(done + step) - int(done))
         done += step
     advance(len(units) - int(done))
-    return base, scores
+    return base if with_base else None, scores

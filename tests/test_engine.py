@@ -172,3 +172,23 @@ def test_folding_batchnorms_keeps_the_function():
     assert left == {"bn_b": nn.Sequential, "bn_s": nn.BatchNorm2d}  # its ReLU; a shared conv
     with torch.inference_mode():
         assert torch.allclose(inference(net)(x), net(x), atol=1e-5)
+
+
+def test_pools_of_concatenations_run_per_branch(zoo, scoring):
+    """Inception's pools after each concatenation become one pool per branch: the same
+    numbers up to rounding (an average may sum in another order), and a mixed1 unit's head
+    then hands its tail the other branches already pooled."""
+    from carprune.scoring.graph import pools_into_concats, trace
+
+    model = zoo["inception"]
+    x = scoring.batches[0][0]
+    rewritten = pools_into_concats(trace(model))
+    pools = [n.target for n in rewritten.graph.nodes
+             if n.op == "call_module" and n.target in ("pool2", "pool")]
+    assert pools == ["pool2"] * 3 + ["pool"] * 3
+    with torch.inference_mode():
+        assert torch.allclose(rewritten(x), model(x), rtol=0, atol=1e-6)
+    plan = FastEngine().plan(Surgery(copy.deepcopy(model), x[:1]), "mixed1.branch5.0.conv")
+    with torch.inference_mode():
+        _, *sides = plan.head(x)
+    assert [tuple(t.shape[1:]) for t in sides] == [(8, 7, 7), (16, 7, 7)]  # 14 x 14 before

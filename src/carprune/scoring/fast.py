@@ -38,7 +38,16 @@ from torch.nn.modules.utils import _pair
 from .. import compensation
 from ..groups import Surgery, Unit, is_depthwise
 from ._common import Scores, ScoringSet
-from .graph import boundary, descendants, folded, head_module, module_node, tail_graph, trace
+from .graph import (
+    boundary,
+    descendants,
+    folded,
+    head_module,
+    module_node,
+    pools_into_concats,
+    tail_graph,
+    trace,
+)
 from .masked import MaskPlan, plan_masked, score_masked
 from .naive import NaiveEngine
 
@@ -361,7 +370,9 @@ class FastEngine:
         """How `layer` is scored: at its linear consumer, through a masked tail, or (None)
         naively. Plans depend on the graph only, so each is made once per surgery."""
         if surgery is not self._surgery:
-            self._surgery, self._traced = surgery, trace(surgery.model)
+            traced = trace(surgery.model)
+            self._surgery = surgery
+            self._traced = None if traced is None else pools_into_concats(traced)
             self._plans, self._caches = {}, {}
         if layer not in self._plans:
             traced = self._traced
@@ -418,6 +429,9 @@ class FastEngine:
                 inputs.append(out[0])
                 sides.append(tuple(out[1:]))
         cache = _Cache(scoring, alive, feeds, len(surgery.removals), inputs, sides)
+        others = [k for k in self._caches if k[0] == layer and k[1] != id(scoring)]
+        for key in [*others[:-1], (layer, id(scoring))]:  # the last two scoring sets' caches,
+            self._caches.pop(key, None)                    # the latest last
         self._caches[layer, id(scoring)] = cache
         return cache
 

@@ -307,16 +307,17 @@ def _without(weight: torch.Tensor, cols: torch.Tensor, zl: torch.Tensor, z: torc
     return (z.unsqueeze(0) - contrib).reshape(k * b, -1)
 
 
-def _modules_run(graph_module: fx.GraphModule) -> set[str]:
-    """The names of the modules a graph calls or reads parameters of (a removal that changes
-    none of them, nor anything inside them, leaves its outputs as they were)."""
-    out = set()
-    for node in graph_module.graph.nodes:
-        if node.op == "call_module":
-            out.add(node.target)
-        elif node.op == "get_attr":
-            out.add(node.target.rpartition(".")[0])
-    return out
+def _head_unchanged(surgery: Surgery, plan: _Plan, layer: str, cache: _Cache) -> bool:
+    """Whether every removal since the cache was filled was in `layer` itself (the cache is
+    then sliced) or changed no module the head calls or reads parameters of, nor any module
+    inside one (a root parameter, named "", counts as inside every module)."""
+    others = [changed for name, _, changed in surgery.removals[cache.removals:] if name != layer]
+    if not others:
+        return True
+    runs = {n.target if n.op == "call_module" else n.target.rpartition(".")[0]
+            for n in plan.head.graph.nodes if n.op in ("call_module", "get_attr")}
+    return not any(c == r or c.startswith(f"{r}.") or not r
+                   for changed in others for c in changed for r in runs)
 
 
 def _needed(plan: _Plan, idx: torch.Tensor, weight: torch.Tensor,
@@ -411,12 +412,8 @@ class FastEngine:
         it was filled or other removals changed no module the head runs, else recomputed."""
         alive = list(surgery.alive[layer])
         feeds = [plan.in_index(c) for c in range(len(alive))]
-        cache = self._caches.get((layer, id(scoring)))
-        runs = _modules_run(plan.head)
-        if cache is not None and cache.scoring is scoring and all(
-                name == layer or not any(c == r or c.startswith(f"{r}.") or not r
-                                         for c in changed for r in runs)
-                for name, _, changed in surgery.removals[cache.removals:]):
+        cache = self._caches.get((layer, id(scoring)))  # the cache holds scoring: ids stay
+        if cache is not None and _head_unchanged(surgery, plan, layer, cache):
             gone = {i for pos, o in enumerate(cache.alive) if o not in alive
                     for i in cache.feeds[pos]}  # X may hold other layers' channels (concat)
             keep = [i for i in range(cache.inputs[0].shape[1]) if i not in gone]
@@ -453,10 +450,10 @@ class FastEngine:
                                          for x in cache.inputs))
             q = torch.stack([compensation.q_rows(p, compensation.columns(plan.consumer, feeds))
                              .to(weight.dtype) for feeds in idx.tolist()])
-        for z, side, (_, y) in zip(full, cache.sides, scoring.batches, strict=True):
-            if with_base:  # the tail may work in place
-                logits = tail(z.clone(), *[t.clone() for t in side])
-                base.add_logits(slice(0, 1), logits.unsqueeze(0), y)
+        for z, side, (_, y) in zip(full, cache.sides, scoring.batches, strict=True) \
+                if with_base else ():
+            logits = tail(z.clone(), *[t.clone() for t in side])  # the tail may work in place
+            base.add_logits(slice(0, 1), logits.unsqueeze(0), y)
         # candidates per pass: about TAIL_BATCH_BYTES of consumer output (small enough to stay
         # in cache through the tail's memory-bound ops), never more than the memory budget
         sample = 4 * full[0][0].numel()

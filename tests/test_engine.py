@@ -79,7 +79,7 @@ def test_concatenation_network(concat_net, scoring):
     assert plan_layer(surgery, "stem") is None       # read by both branches
 
 
-def test_compensated_tallies_on_three_networks(baseline, small_resnet, concat_net, scoring):
+def test_compensated_tallies_on_four_networks(baseline, small_resnet, concat_net, zoo, scoring):
     few = scoring.subset(200)
     surgery = assert_same_tallies(baseline, ["conv1", "conv2", "conv3"], few, every=3,
                                   compensate=True)
@@ -95,6 +95,9 @@ def test_compensated_tallies_on_three_networks(baseline, small_resnet, concat_ne
     assert_same_tallies(small_resnet, ["layer3.2.conv1", "layer1.0.conv1"], few,
                         compensate=True)
     assert_same_tallies(concat_net, ["left", "right"], few, compensate=True, memory_budget=1)
+    # depthwise units into 1x1 consumers: the refit's update is of rank one
+    assert_same_tallies(zoo["mobilenet"], ["stem.conv", "block2.pw.conv"], few, every=2,
+                        compensate=True)
 
 
 def test_memory_budget_chunking_gives_the_same_answer(baseline, scoring):

@@ -297,12 +297,14 @@ def _without(weight: torch.Tensor, cols: torch.Tensor, zl: torch.Tensor, z: torc
             ck = torch.einsum("cpt,kjct->kpj", cols, q.view(k, m * kk, -1, kk))
         c_out = weight.shape[0]
         w = weight[:, idx.reshape(-1)].reshape(c_out, k, m * kk).permute(1, 2, 0).contiguous()
-        # (K, B*L, C') = z - ck @ w, written once; a product of rank one (a 1x1 consumer, one
-        # channel a unit) as an elementwise outer product, which BLAS does 3-10x slower (and
-        # elementwise kernels 5x slower again on a w that is not contiguous)
-        ck = ck.view(k, positions, m * kk)
-        out = torch.addcmul(zl, ck, w, value=-1) if m * kk == 1 else \
-            torch.baddbmm(zl.expand(k, -1, -1), ck, w, alpha=-1)
+        # (K, B*L, C') = z - ck @ w, written once into a contiguous batch; a product of rank
+        # one (a 1x1 consumer, one channel a unit) as an elementwise outer product, which BLAS
+        # does 3-10x slower (and elementwise kernels 5x slower again on a strided w)
+        ck, out = ck.view(k, positions, m * kk), zl.new_empty(k, positions, c_out)
+        if m * kk == 1:
+            torch.addcmul(zl, ck, w, value=-1, out=out)
+        else:
+            torch.baddbmm(zl.expand(k, -1, -1), ck, w, alpha=-1, out=out)
         return out.view(k * b, *z.shape[2:], c_out).permute(0, 3, 1, 2)
     taken = cols[:, idx] if q is None else torch.einsum("bf,kmf->bkm", cols, q)
     contrib = torch.einsum("bkm,ckm->kbc", taken, weight[:, idx])

@@ -4,8 +4,9 @@ Per layer: the first S greedy steps with each engine (picks must be identical), 
 candidate, and the lower bound of the fast engine: per candidate and image, the MACs downstream
 of the first operation the unit changes (after the consumer, or the masked tail), at the
 throughput this machine reaches on the whole network with its BatchNorms folded, as the fast
-engine's tails run (median of 3 full passes over the scoring set). Per unit kind (plain,
-residual, depthwise, concat, branch): the same, summed.
+engine's tails run (median of 3 full passes over the scoring set, right before the layer's
+fast engine runs). Per unit kind (plain, residual, depthwise, concat, branch): the same,
+summed.
 """
 
 from __future__ import annotations
@@ -82,33 +83,41 @@ def _greedy(engine, surgery: Surgery, layer: str, scoring: ScoringSet, steps: in
     return picks, candidates, seconds
 
 
+def throughput(run: nn.Module, scoring: ScoringSet, macs: int, passes: int = 3) -> float:
+    """MAC/s of `run` over the scoring set: the median of `passes` full passes after one to
+    warm up."""
+    seconds = []
+    with torch.inference_mode():
+        full_pass(run, scoring)
+        for _ in range(passes):
+            start = time.perf_counter()
+            full_pass(run, scoring)
+            seconds.append(time.perf_counter() - start)
+    return macs * scoring.total / statistics.median(seconds)
+
+
 def bench_layers(model: nn.Module, scoring: ScoringSet, layers: list[str], steps: int,
                  progress=print) -> tuple[list[LayerBench], float]:
-    """Returns the per-layer figures and the measured throughput (MAC/s) of the network."""
+    """Returns the per-layer figures and the median of the network's throughputs (MAC/s), each
+    measured right before a layer's fast engine runs, so that a layer's bound and its fast
+    seconds are taken under the same load of this shared machine."""
     model = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)  # as engines run it
     example = scoring.example()
     macs = module_macs(model, example)
     run = inference(model)  # the whole network as fast as the tails run: BatchNorms folded
-    passes = []
-    with torch.inference_mode():
-        full_pass(run, scoring)  # warm-up
-        for _ in range(3):
-            start = time.perf_counter()
-            full_pass(run, scoring)
-            passes.append(time.perf_counter() - start)
-    throughput = sum(macs.values()) * scoring.total / statistics.median(passes)
-    rows = []
+    rows, speeds = [], []
     for layer in layers:
         naive_s = Surgery(copy.deepcopy(model), example)
         fast_s = Surgery(copy.deepcopy(model), example)
-        bound_per_cand = tail_macs(fast_s, layer, macs) * scoring.total / throughput
         progress(f"bench {layer}: naive engine, {steps} steps ...")
         picks_n, cands, t_naive = _greedy(NaiveEngine(), naive_s, layer, scoring, steps)
+        speeds.append(throughput(run, scoring, sum(macs.values())))
+        bound_per_cand = tail_macs(fast_s, layer, macs) * scoring.total / speeds[-1]
         progress(f"bench {layer}: fast engine, {steps} steps ...")
         picks_f, _, t_fast = _greedy(FastEngine(), fast_s, layer, scoring, steps)
         rows.append(LayerBench(layer, fast_s.kind(layer), cands, t_naive, t_fast,
                                bound_per_cand * cands, picks_n, picks_f))
-    return rows, throughput
+    return rows, statistics.median(speeds)
 
 
 def reference_networks(fmnist, images: int):

@@ -104,6 +104,7 @@ def bench_layers(model: nn.Module, scoring: ScoringSet, layers: list[str], steps
     model = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)  # as engines run it
     example = scoring.example()
     macs = module_macs(model, example)
+    total = sum(macs.values())
     run = inference(model)  # the whole network as fast as the tails run: BatchNorms folded
     rows, speeds = [], []
     for layer in layers:
@@ -111,7 +112,7 @@ def bench_layers(model: nn.Module, scoring: ScoringSet, layers: list[str], steps
         fast_s = Surgery(copy.deepcopy(model), example)
         progress(f"bench {layer}: naive engine, {steps} steps ...")
         picks_n, cands, t_naive = _greedy(NaiveEngine(), naive_s, layer, scoring, steps)
-        speeds.append(throughput(run, scoring, sum(macs.values())))
+        speeds.append(throughput(run, scoring, total))
         bound_per_cand = tail_macs(fast_s, layer, macs) * scoring.total / speeds[-1]
         progress(f"bench {layer}: fast engine, {steps} steps ...")
         picks_f, _, t_fast = _greedy(FastEngine(), fast_s, layer, scoring, steps)

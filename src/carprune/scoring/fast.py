@@ -304,7 +304,7 @@ def _without(weight: torch.Tensor, cols: torch.Tensor, zl: torch.Tensor, z: torc
         if m * kk == 1:
             torch.addcmul(zl, ck, w, value=-1, out=out)
         else:
-            torch.baddbmm(zl.expand(k, -1, -1), ck, w, alpha=-1, out=out)
+            torch.baddbmm(zl, ck, w, alpha=-1, out=out)
         return out.view(k * b, *z.shape[2:], c_out).permute(0, 3, 1, 2)
     taken = cols[:, idx] if q is None else torch.einsum("bf,kmf->bkm", cols, q)
     contrib = torch.einsum("bkm,ckm->kbc", taken, weight[:, idx])

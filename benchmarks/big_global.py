@@ -14,7 +14,6 @@ Prints the run's figures and writes runs/bench/big_global.json.
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 
 import torch
@@ -22,11 +21,12 @@ import torchvision
 from torch.utils.data import TensorDataset
 
 from carprune import io
+from carprune.car import Approximation, global_car_prune
+from carprune.car.ranking import group_leaders
 from carprune.data import IMAGENET_STATS, normalise, package_photos, photo_windows
 from carprune.estimate import layer_costs, round_seconds
 from carprune.groups import Surgery, Unit
 from carprune.measure import macs_params
-from carprune.prune import global_car_prune, group_leaders
 from carprune.scoring import FastEngine, ScoringSet
 from carprune.train import evaluate
 
@@ -43,7 +43,7 @@ def windows(model, size: int, images: int, seed: int) -> TensorDataset:
 def estimate_check(model, scoring: ScoringSet, minimum: int = 100) -> list[dict]:
     """Per unit kind: the estimate of scoring whole layers of that kind (at least `minimum`
     candidates) against the measured time of doing it."""
-    surgery = Surgery(copy.deepcopy(model), scoring.example())
+    surgery = Surgery(model, scoring.example())
     engine = FastEngine()
     leaders = group_leaders(surgery, surgery.conv_layers())
     rows = []
@@ -84,8 +84,9 @@ def main() -> None:
     shape = (3, args.size, args.size)
     checks = [] if args.skip_estimate else estimate_check(model, ScoringSet.from_any(scoring))
     start = time.perf_counter()
-    result, steps = global_car_prune(model, scoring, args.target, shortlist=args.shortlist,
-                                     step=args.step, num_classes=1000)
+    result, steps = global_car_prune(model, scoring, args.target,
+                                     approx=Approximation(step=args.step,
+                                                          shortlist=args.shortlist))
     seconds = time.perf_counter() - start
     before, after = macs_params(model, shape)[0], macs_params(result.model, shape)[0]
     agreement = evaluate(result.model, test).accuracy

@@ -29,8 +29,6 @@ import torch
 
 
 def worker(layer: str) -> None:
-    import copy
-
     import carprune as cp
     from carprune import dist
     from carprune.bench import tail_macs
@@ -38,22 +36,22 @@ def worker(layer: str) -> None:
     from carprune.measure import module_macs
     from carprune.scoring import FastEngine, ScoringSet
     from carprune.scoring.naive import full_pass
+    from carprune.scoring.sharded import Sharded
 
     dist.init_from_env()
     data = cp.data.fashion_mnist()
     model = cp.load("convnet-fmnist")
     scoring = ScoringSet.from_any(data.val, 10)
-    surgery = Surgery(copy.deepcopy(model), scoring.example())
+    surgery = Surgery(model, scoring.example())
     macs = module_macs(surgery.model, scoring.example())
     start = time.perf_counter()
     full_pass(surgery.model, scoring)
     throughput = sum(macs.values()) * scoring.total / (time.perf_counter() - start)
-    engine = dist.ShardedEngine(FastEngine()) if dist.active() else FastEngine()
-    shard = dist.shard(scoring)
+    engine = Sharded(FastEngine()) if dist.active() else FastEngine()
     units = [Unit(layer, c) for c in range(surgery.size(layer))]
-    engine.score(surgery, units, shard)  # fills the layer cache, as the first greedy step does
+    engine.score(surgery, units, scoring)  # fills the layer cache, as the first greedy step does
     start = time.perf_counter()
-    _, scores = engine.score(surgery, units, shard)
+    _, scores = engine.score(surgery, units, scoring)
     seconds = time.perf_counter() - start
     if dist.is_main():
         bound = tail_macs(surgery, layer, macs) * scoring.total * len(units) / throughput

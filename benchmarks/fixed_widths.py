@@ -15,9 +15,10 @@ import argparse
 
 import carprune as cp
 from carprune import io
+from carprune.car import Approximation, car_prune
 from carprune.config import layer_value
+from carprune.criteria import criterion_prune
 from carprune.data import first_images
-from carprune.prune import car_prune, criterion_prune
 
 
 def main() -> None:
@@ -41,7 +42,8 @@ def main() -> None:
         for criterion in args.criteria:
             model = base
             for layer, keep in widths.items():
-                model = (car_prune(model, scoring, [layer], keep=keep, step=2)
+                model = (car_prune(model, scoring, [layer], keep=keep,
+                                   approx=Approximation(step=2))
                          if criterion == "car" else
                          criterion_prune(model, scoring, [layer], criterion, keep=keep,
                                          seed=args.seed)).model

@@ -12,7 +12,6 @@ them it is skipped with a line saying so.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from carprune.scoring import FastEngine, NaiveEngine, ScoringSet
 
 def engines(model, scoring: ScoringSet, layer: str, candidates: int) -> dict:
     """Naive and fast tallies of the first `candidates` units of `layer`, timed on the GPU."""
-    surgery = Surgery(copy.deepcopy(model), scoring.example())
+    surgery = Surgery(model, scoring.example())
     units = [Unit(layer, c) for c in range(min(candidates, surgery.size(layer)))]
     times, tallies = {}, {}
     for name, engine in (("naive", NaiveEngine()), ("fast", FastEngine())):

@@ -9,7 +9,6 @@ outputs. Random weights at 64 px (nothing is downloaded).
 from __future__ import annotations
 
 import argparse
-import copy
 import tempfile
 import time
 
@@ -36,13 +35,14 @@ def check(name: str, size: int) -> dict:
     with torch.inference_mode():
         y = model(x).argmax(1)
     scoring = ScoringSet.from_any(TensorDataset(x, y), 1000)
-    surgery = Surgery(copy.deepcopy(model), scoring.example())
+    surgery = Surgery(model, scoring.example())
     layers = surgery.conv_layers()
     engine = FastEngine()
     fast = sum(engine.plan(surgery, n) is not None for n in layers)
     chosen = [layers[0], layers[len(layers) // 2]]
     start = time.perf_counter()
-    pruned = cp.car_prune(model, scoring, chosen, keep=0.9, step=64, progress=False).model
+    pruned = cp.car_prune(model, scoring, chosen, keep=0.9, approx=cp.Approximation(step=64),
+                          progress=False).model
     with tempfile.TemporaryDirectory() as tmp:
         io.save(pruned, tmp)
         again = cp.load(tmp)

@@ -21,9 +21,9 @@ from torch.utils.data import TensorDataset
 
 import carprune as cp
 from carprune import io
+from carprune.car import Approximation, global_car_prune
 from carprune.commands.common import table
 from carprune.data import load_data
-from carprune.prune import global_car_prune
 from carprune.train import evaluate, fit
 
 
@@ -50,7 +50,8 @@ def main() -> None:
         runs[" ".join(f"--{k} {v}" for k, v in values.items())] = values
     rows, report = [], {}
     for name, kwargs in runs.items():
-        result, steps = global_car_prune(model, scoring, args.target, **kwargs)
+        result, steps = global_car_prune(model, scoring, args.target,
+                                         approx=Approximation(**kwargs))
         tuned = []
         for seed in range(args.seeds):
             net = copy.deepcopy(result.model)

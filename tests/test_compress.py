@@ -278,8 +278,8 @@ def test_damaged_carz_gets_a_clean_error(carz_path, tmp_path, damage):
 def run_dir(baseline, tmp_path_factory):
     """A filter-pruned checkpoint written as `carprune prune` does (every other filter of conv1
     and conv2 removed), with the result.json that names its unpruned baseline."""
-    model = copy.deepcopy(baseline)
-    surgery = Surgery(model, torch.zeros(1, 1, 28, 28))
+    surgery = Surgery(baseline, torch.zeros(1, 1, 28, 28))
+    model = surgery.model
     surgery.remove("conv1", list(range(0, 32, 2)))
     surgery.remove("conv2", list(range(0, 64, 2)))
     model.carprune_spec = dict(model.carprune_spec, pruning_history=surgery.history())

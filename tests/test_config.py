@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from carprune import CarpruneError, PruneConfig
+from carprune import Approximation, Budget, CarpruneError, EngineOptions, PruneConfig
 from carprune.cli import build_parser, main
 from carprune.commands import COMMANDS
 from carprune.config import CompareConfig, ExplainConfig, TrainConfig, flag
@@ -54,6 +54,19 @@ BAD = [  # (PruneConfig keywords, the same options on the command line, words of
                                                     "-1"], "--finetune-epochs must be 0 or more"),
     ({"layers": ["conv1"], "memory_budget": 0.0}, ["--layers", "conv1", "--memory-budget", "0"],
      "--memory-budget must be positive"),
+    ({"layers": ["conv1"], "blocks": 0.25}, ["--layers", "conv1", "--blocks", "0.25"],
+     "--blocks applies to global runs"),
+    ({"target_macs": 0.5, "blocks": 1.5}, ["--target-macs", "0.5", "--blocks", "1.5"],
+     "--blocks must be a fraction in (0, 1)"),
+    ({"target_macs": 0.5, "blocks": 0.25, "screen": 4},
+     ["--target-macs", "0.5", "--blocks", "0.25", "--screen", "4"], "drop --screen"),
+    ({"target_macs": 0.5, "blocks": 0.25, "round_to": 8},
+     ["--target-macs", "0.5", "--blocks", "0.25", "--round-to", "8"],
+     "--round-to keeps every layer a multiple"),
+    ({"layers": ["conv1"], "ridge": 1e-2}, ["--layers", "conv1", "--ridge", "1e-2"],
+     "give it with --compensate"),
+    ({"layers": ["conv1"], "compensate": True, "ridge": -1.0},
+     ["--layers", "conv1", "--compensate", "--ridge", "-1"], "--ridge must be positive"),
 ]
 
 
@@ -81,6 +94,11 @@ def test_choices_are_checked_in_python_too():
 def test_a_good_config_keeps_what_it_was_given():
     config = PruneConfig(checkpoint="convnet-fmnist", out="x", target_params=0.4, round_to=8)
     assert config.budget == ("params", 0.4)
+    assert config.budget_settings() == Budget("params", "params", 0.1, 8, ())
+    blocks = PruneConfig(out="x", target_macs=0.5, blocks=0.25, step=2, compensate=True,
+                         ridge=1e-2, memory_budget=0.5)
+    assert blocks.approximation() == Approximation(step=2, blocks=0.25)
+    assert blocks.engine_options() == EngineOptions("fast", 2**29, True, 1e-2)
     assert PruneConfig(checkpoint="c", out="x", layers=["conv1"]).budget == ("macs", None)
     assert json.loads(json.dumps(config.to_json()))["round_to"] == 8
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from carprune import compare
-from carprune.criteria import CRITERIA, ranking
+from carprune.car import car_prune
+from carprune.criteria import CRITERIA, criterion_prune, ranking
 from carprune.groups import Surgery
-from carprune.prune import car_prune, criterion_prune
 from carprune.scoring import ScoringSet
 
 from .conftest import hand_made_data, hand_made_net, subset
@@ -31,8 +31,7 @@ def test_a_filter_of_zeros_ranks_last(net_with_dead_filter, criterion):
 
 
 def test_greedy_car_removes_the_dead_filter_first(net_with_dead_filter):
-    result = car_prune(net_with_dead_filter, hand_made_data(), ["conv1"], keep=3,
-                       num_classes=2, progress=False)
+    result = car_prune(net_with_dead_filter, hand_made_data(), ["conv1"], keep=3, progress=False)
     assert result.layers["conv1"].removed == [2]
 
 

@@ -27,6 +27,7 @@ def run(out, nproc, extra=()):
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.parametrize("extra", [[], ["--compensate"]])
 def test_two_processes_pick_what_one_process_picks(tmp_path, extra):
     one = run(tmp_path / "one", 1, extra)
@@ -54,17 +55,19 @@ def _peer(rank, port, queue):
     from carprune import CarpruneError
     from carprune import dist as cdist
     from carprune.scoring import Scores
+    from carprune.scoring.sharded import all_reduce
 
     cdist.init_from_env()
     if rank == 1:
         os._exit(0)  # dies before the first collective
     try:
-        cdist.all_reduce(Scores.zeros(2, 10))
+        all_reduce(Scores.zeros(2, 10))
         queue.put("no error")
     except CarpruneError as exc:
         queue.put(str(exc))
 
 
+@pytest.mark.distributed
 def test_a_dead_peer_is_a_clear_error_not_a_hang():
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()

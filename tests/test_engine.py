@@ -1,27 +1,26 @@
 """The fast engine must give the naive engine's tallies and therefore its picks."""
 
-import copy
 
 import pytest
 import torch
 
-from carprune import compensation
+from carprune.car import EngineOptions, car_prune
 from carprune.groups import Surgery, Unit
-from carprune.prune import car_prune
-from carprune.scoring import FastEngine, NaiveEngine, ScoringSet
-from carprune.scoring.fast import _Plan, plan_layer
+from carprune.scoring import FastEngine, NaiveEngine, ScoringSet, compensation
+from carprune.scoring.consumer import ConsumerPlan, plan_layer
 from carprune.scoring.masked import MaskPlan
 
 from .conftest import quick_trained, subset
 
 
 def assert_same_tallies(model, layers, scoring, every=1, compensate=False, **fast_kwargs):
-    surgery = Surgery(copy.deepcopy(model).eval(), scoring.example())
+    surgery = Surgery(model, scoring.example())
     for layer in layers:
         units = [Unit(layer, c) for c in range(0, surgery.size(layer), every)]
-        nb, naive = NaiveEngine(compensate).score(surgery, units, scoring)
-        fb, fast = FastEngine(compensate=compensate, **fast_kwargs).score(surgery, units,
-                                                                          scoring)
+        nb, naive = NaiveEngine(EngineOptions(compensate=compensate)).score(surgery, units,
+                                                                            scoring)
+        fb, fast = FastEngine(EngineOptions(compensate=compensate, **fast_kwargs)).score(
+            surgery, units, scoring)
         assert torch.equal(nb.correct, fb.correct)
         assert torch.equal(naive.correct, fast.correct), layer
         assert torch.equal(naive.class_correct, fast.class_correct), layer
@@ -63,14 +62,15 @@ def test_every_unit_kind_scores_fast_and_exactly(zoo, scoring, name):
     """Every layer of four zoo networks: the fast engine's tallies are the naive engine's, no
     layer falls back to naive, and the depthwise chains score at their linear consumer."""
     few = scoring.subset(150)
-    surgery = Surgery(copy.deepcopy(zoo[name]).eval(), few.example())
+    surgery = Surgery(zoo[name], few.example())
     layers = surgery.conv_layers()
     assert {surgery.kind(n) for n in layers} == KINDS[name]
     assert_same_tallies(zoo[name], layers, few, every=3)
     engine = FastEngine()
     plans = {n: engine.plan(surgery, n) for n in layers}
-    assert all(isinstance(p, _Plan | MaskPlan) for p in plans.values())
-    assert all(isinstance(plans[n], _Plan) for n in layers if surgery.kind(n) == "depthwise")
+    assert all(isinstance(p, ConsumerPlan | MaskPlan) for p in plans.values())
+    assert all(isinstance(plans[n], ConsumerPlan) for n in layers
+               if surgery.kind(n) == "depthwise")
 
 
 def test_concatenation_network(concat_net, scoring):
@@ -85,11 +85,11 @@ def test_compensated_tallies_on_four_networks(baseline, small_resnet, concat_net
                                   compensate=True)
     # the tallies are those of the network after compensation.remove, and not the plain ones
     units = [Unit("conv1", c) for c in range(4)]
-    _, refit = NaiveEngine(compensate=True).score(surgery, units, few)
+    _, refit = NaiveEngine(EngineOptions(compensate=True)).score(surgery, units, few)
     _, plain = NaiveEngine().score(surgery, units, few)
     assert not torch.equal(refit.correct, plain.correct)
     for i, unit in enumerate(units):
-        removed = Surgery(copy.deepcopy(baseline).eval(), few.example())
+        removed = Surgery(baseline, few.example())
         compensation.remove(removed, unit.layer, [unit.channel], few.batches)
         assert int(NaiveEngine().score(removed, [], few)[0].correct[0]) == int(refit.correct[i])
     assert_same_tallies(small_resnet, ["layer3.2.conv1", "layer1.0.conv1"], few,
@@ -101,10 +101,11 @@ def test_compensated_tallies_on_four_networks(baseline, small_resnet, concat_net
 
 
 def test_memory_budget_chunking_gives_the_same_answer(baseline, scoring):
-    surgery = Surgery(copy.deepcopy(baseline), scoring.example())
+    surgery = Surgery(baseline, scoring.example())
     units = [Unit("conv2", c) for c in range(64)]
     _, big = FastEngine().score(surgery, units, scoring)
-    _, tiny = FastEngine(memory_budget=1).score(surgery, units, scoring)  # one candidate a pass
+    _, tiny = FastEngine(EngineOptions(memory_budget=1)).score(surgery, units,
+                                                                scoring)  # one candidate a pass
     assert torch.equal(big.correct, tiny.correct)
     assert torch.allclose(big.loss, tiny.loss, rtol=1e-9)
 
@@ -113,8 +114,8 @@ def test_memory_budget_chunking_gives_the_same_answer(baseline, scoring):
 @pytest.mark.parametrize("layers, keep, compensate", [(["conv3", "conv1"], 0.875, False),
                                                       (["conv2"], 60, True)])
 def test_identical_pick_sequences_convnet(baseline, scoring, layers, keep, compensate):
-    naive, fast = (car_prune(baseline, scoring, layers, keep=keep, engine=engine,
-                             compensate=compensate, progress=False)
+    naive, fast = (car_prune(baseline, scoring, layers, keep=keep,
+                             engine=EngineOptions(engine, compensate=compensate), progress=False)
                    for engine in ("naive", "fast"))
     for name in layers:
         assert naive.layers[name].removed == fast.layers[name].removed
@@ -124,8 +125,10 @@ def test_identical_pick_sequences_convnet(baseline, scoring, layers, keep, compe
 @pytest.mark.slow
 def test_identical_pick_sequences_resnet(small_resnet, scoring):
     layers = ["layer3.1.conv1", "layer1.2.conv1", "layer1.0.conv2"]
-    naive = car_prune(small_resnet, scoring, layers, keep=0.75, engine="naive", progress=False)
-    fast = car_prune(small_resnet, scoring, layers, keep=0.75, engine="fast", progress=False)
+    naive = car_prune(small_resnet, scoring, layers, keep=0.75, engine=EngineOptions("naive"),
+                      progress=False)
+    fast = car_prune(small_resnet, scoring, layers, keep=0.75, engine=EngineOptions("fast"),
+                     progress=False)
     for name in layers:
         assert naive.layers[name].removed == fast.layers[name].removed
 
@@ -136,7 +139,8 @@ def test_identical_pick_sequences_resnet(small_resnet, scoring):
                                           ("inception", ["mixed1.branch3.conv", "stem.conv"])])
 def test_identical_pick_sequences_every_kind(zoo, scoring, name, layers):
     few = scoring.subset(200)
-    naive, fast = (car_prune(zoo[name], few, layers, keep=0.75, engine=engine, progress=False)
+    naive, fast = (car_prune(zoo[name], few, layers, keep=0.75, engine=EngineOptions(engine),
+                             progress=False)
                    for engine in ("naive", "fast"))
     for layer in layers:
         assert naive.layers[layer].removed == fast.layers[layer].removed
@@ -191,7 +195,7 @@ def test_pools_of_concatenations_run_per_branch(zoo, scoring):
     assert pools == ["pool2"] * 3 + ["pool"] * 3
     with torch.inference_mode():
         assert torch.allclose(rewritten(x), model(x), rtol=0, atol=1e-6)
-    plan = FastEngine().plan(Surgery(copy.deepcopy(model), x[:1]), "mixed1.branch5.0.conv")
+    plan = FastEngine().plan(Surgery(model, x[:1]), "mixed1.branch5.0.conv")
     with torch.inference_mode():
         _, *sides = plan.head(x)
     assert [tuple(t.shape[1:]) for t in sides] == [(8, 7, 7), (16, 7, 7)]  # 14 x 14 before

@@ -14,9 +14,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 import carprune as cp
+from carprune.car import Approximation, Budget, EngineOptions, global_car_prune
 from carprune.groups import Surgery, Unit
 from carprune.measure import macs_params
-from carprune.prune import efficiency, global_car_prune
+from carprune.scoring.rule import efficiency
 
 from .conftest import quick_trained, subset
 
@@ -89,46 +90,49 @@ def test_first_global_picks_equal_a_cost_weighted_brute_force(tiny, fmnist):
     scoring = subset(fmnist.val, 400)
     expected = brute_force_global(tiny, *scoring.tensors, picks=2)
     for engine in ("naive", "fast"):
-        _, steps = global_car_prune(tiny, scoring, target=0.5, min_keep=0.0, engine=engine,
-                                    progress=False)
+        _, steps = global_car_prune(tiny, scoring, target=0.5, budget=Budget(min_keep=0.0),
+                                    engine=EngineOptions(engine), progress=False)
         assert [(s.layer, s.removed[0]) for s in steps[:2]] == expected
         assert steps[0].cost == by_hand_cost(tiny, *expected[0])
 
 
 def candidates_scored(monkeypatch) -> list[int]:
     """The number of candidates of every scoring call global CAR makes from now on."""
-    from carprune import prune
+    from carprune.car import run
 
     calls = []
-    make = prune.make_engine
+    make = run.make_engine
 
     def spy(*args):
         engine = make(*args)
         score = engine.score
-        engine.score = lambda surgery, units, *rest: (calls.append(len(units)),
-                                                      score(surgery, units, *rest))[1]
+        engine.score = lambda surgery, units, *rest, **kw: (calls.append(len(units)),
+                                                            score(surgery, units, *rest, **kw))[1]
         return engine
 
-    monkeypatch.setattr(prune, "make_engine", spy)
+    monkeypatch.setattr(run, "make_engine", spy)
     return calls
 
 
 def test_global_screen_rescores_only_the_first_few(tiny, fmnist, monkeypatch):
 
     scoring = subset(fmnist.val, 200)
-    exact, exact_steps = global_car_prune(tiny, scoring, target=0.5, min_keep=0.0,
+    free = Budget(min_keep=0.0)
+    exact, exact_steps = global_car_prune(tiny, scoring, target=0.5, budget=free,
                                           progress=False)
-    _, wide = global_car_prune(tiny, scoring, target=0.5, min_keep=0.0, screen=16,
+    _, wide = global_car_prune(tiny, scoring, target=0.5, budget=free,
+                               approx=Approximation(screen=16),
                                progress=False)  # 16 = every unit: the exact run
     assert [(s.layer, s.removed) for s in wide] == [(s.layer, s.removed) for s in exact_steps]
     calls = candidates_scored(monkeypatch)
-    _, screened = global_car_prune(tiny, scoring, target=0.5, min_keep=0.0, screen=3,
-                                   progress=False)
+    _, screened = global_car_prune(tiny, scoring, target=0.5, budget=free,
+                                   approx=Approximation(screen=3), progress=False)
     assert calls[0] == 16 and set(calls[1:-1]) == {3} and calls[-1] == 0  # last: the base
     assert (screened[0].layer, screened[0].removed) == (exact_steps[0].layer,
                                                         exact_steps[0].removed)
     with pytest.raises(cp.CarpruneError, match="--screen must be at least --step"):
-        global_car_prune(tiny, scoring, target=0.5, step=4, screen=2, progress=False)
+        global_car_prune(tiny, scoring, target=0.5, approx=Approximation(step=4, screen=2),
+                         progress=False)
 
 
 def test_round_to_removes_blocks_and_leaves_multiples(tiny, fmnist):
@@ -147,8 +151,9 @@ def test_round_to_removes_blocks_and_leaves_multiples(tiny, fmnist):
                        int(layer[-1]), layer, sorted(pair)))
     first = min(blocks)
     for engine in ("naive", "fast"):
-        result, steps = global_car_prune(tiny, scoring, target=0.5, min_keep=0.0, round_to=2,
-                                         engine=engine, progress=False)
+        result, steps = global_car_prune(tiny, scoring, target=0.5,
+                                         budget=Budget(min_keep=0.0, round_to=2),
+                                         engine=EngineOptions(engine), progress=False)
         assert (steps[0].layer, sorted(steps[0].removed)) == first[3:]
         assert all(len(s.removed) == 2 for s in steps)
         widths = [getattr(result.model, n).out_channels for n in ("conv1", "conv2", "conv3")]
@@ -156,12 +161,13 @@ def test_round_to_removes_blocks_and_leaves_multiples(tiny, fmnist):
         assert steps[-1].remaining <= 0.5
     # blocks of 4 from 4/6/6: conv1 cannot go (it would be empty), conv2 and conv3 only to 4
     with pytest.warns(UserWarning, match="--round-to"):
-        result, _ = global_car_prune(tiny, scoring, target=0.3, min_keep=0.0, round_to=4,
-                                     progress=False)
+        result, _ = global_car_prune(tiny, scoring, target=0.3,
+                                     budget=Budget(min_keep=0.0, round_to=4), progress=False)
     assert [getattr(result.model, n).out_channels for n in ("conv1", "conv2", "conv3")] == \
         [4, 4, 4]
-    _, exact = global_car_prune(tiny, scoring, target=0.5, min_keep=0.0, progress=False)
-    _, ones = global_car_prune(tiny, scoring, target=0.5, min_keep=0.0, round_to=1,
+    _, exact = global_car_prune(tiny, scoring, target=0.5, budget=Budget(min_keep=0.0),
+                                progress=False)
+    _, ones = global_car_prune(tiny, scoring, target=0.5, budget=Budget(min_keep=0.0, round_to=1),
                                progress=False)
     assert [(s.layer, s.removed) for s in ones] == [(s.layer, s.removed) for s in exact]
 
@@ -176,8 +182,8 @@ def test_ranking_prefers_gains_then_small_loss_per_saving():
 def test_budget_and_min_keep(tiny, fmnist):
     scoring = subset(fmnist.val, 200)
     with pytest.warns(UserWarning, match="min-keep floor"):
-        result, steps = global_car_prune(tiny, scoring, target=0.05, min_keep=0.5, step=3,
-                                         progress=False)
+        result, steps = global_car_prune(tiny, scoring, target=0.05, budget=Budget(min_keep=0.5),
+                                         approx=Approximation(step=3), progress=False)
     sizes = {"conv1": 4, "conv2": 6, "conv3": 6}
     for layer, n in sizes.items():
         assert getattr(result.model, layer).out_channels == -(-n // 2)  # ceil(0.5 n)
@@ -186,7 +192,8 @@ def test_budget_and_min_keep(tiny, fmnist):
     assert macs <= 0.6 * macs_params(tiny, (1, 28, 28))[0]
     assert steps[-1].remaining == pytest.approx(macs / macs_params(tiny, (1, 28, 28))[0])
     # rounds of 6: the last stops once it covers the budget, not 6 units further
-    _, coarse = global_car_prune(tiny, scoring, target=0.6, step=6, progress=False)
+    _, coarse = global_car_prune(tiny, scoring, target=0.6, approx=Approximation(step=6),
+                                 progress=False)
     biggest = max(by_hand_cost(tiny, layer, 0) for layer in ("conv1", "conv2", "conv3"))
     assert 0.6 - biggest / macs_params(tiny, (1, 28, 28))[0] < coarse[-1].remaining <= 0.6
 
@@ -201,23 +208,25 @@ def test_latency_budget_and_cost(tiny, fmnist, monkeypatch):
     scoring = subset(fmnist.val, 200)
     by_macs, macs_steps = global_car_prune(tiny, scoring, target=0.6, progress=False)
     ms = 0.6 * macs_params(tiny, (1, 28, 28))[0] / 1e6
-    by_latency, latency_steps = global_car_prune(tiny, scoring, target=ms, budget="latency",
-                                                 cost="macs", progress=False)
+    by_latency, latency_steps = global_car_prune(tiny, scoring, target=ms,
+                                                 budget=Budget("latency", cost="macs"),
+                                                 progress=False)
     assert [(s.layer, s.removed) for s in latency_steps] == \
         [(s.layer, s.removed) for s in macs_steps]
-    _, steps = global_car_prune(tiny, scoring, target=0.9, cost="latency", min_keep=0.0,
-                                progress=False)
+    _, steps = global_car_prune(tiny, scoring, target=0.9,
+                                budget=Budget(cost="latency", min_keep=0.0), progress=False)
     # measured once at the start: half of a layer removed, saving per unit (ms)
-    expected = measure.latency_costs(Surgery(copy.deepcopy(tiny), scoring.tensors[0][:1]),
+    expected = measure.latency_costs(Surgery(tiny, scoring.tensors[0][:1]),
                                      ["conv1", "conv2", "conv3"])
     assert steps[0].cost == pytest.approx(expected[steps[0].layer])
     with pytest.raises(cp.CarpruneError, match="below the network's measured"):
-        global_car_prune(tiny, scoring, target=10 * ms, budget="latency", progress=False)
+        global_car_prune(tiny, scoring, target=10 * ms, budget=Budget("latency"),
+                         progress=False)
 
 
 def test_residual_groups_go_whole(small_resnet, fmnist, tmp_path):
     result, steps = global_car_prune(small_resnet, subset(fmnist.val, 128), target=0.85,
-                                     step=4, progress=False)
+                                     approx=Approximation(step=4), progress=False)
     m = result.model
     for stage in ("layer1", "layer2", "layer3"):
         blocks = getattr(m, stage)
@@ -247,8 +256,9 @@ def zoo_trained(fmnist):
 def test_depthwise_and_concat_networks_prune_and_run(name, compensate, zoo_trained, fmnist,
                                                      tmp_path):
     model = zoo_trained(name)
-    result, steps = global_car_prune(model, subset(fmnist.val, 128), target=0.8, step=4,
-                                     compensate=compensate, progress=False)
+    result, steps = global_car_prune(model, subset(fmnist.val, 128), target=0.8,
+                                     approx=Approximation(step=4),
+                                     engine=EngineOptions(compensate=compensate), progress=False)
     assert macs_params(result.model, (1, 28, 28))[0] <= 0.8 * macs_params(model, (1, 28, 28))[0]
     cp.save(result.model, tmp_path / "m")
     x = fmnist.test.tensors[0][:4]
@@ -265,8 +275,8 @@ def test_whole_global_runs_pick_what_the_naive_engine_picks(name, kwargs, tiny, 
     its shortlisted im2col must leave every pick as the naive engine's."""
     model = tiny if name == "tiny" else zoo_trained(name)
     runs = [global_car_prune(model, subset(fmnist.val, 64), target=0.4 if name == "tiny" else 0.85,
-                             min_keep=0.0,
-                             engine=engine, progress=False, **kwargs)[1]
+                             budget=Budget(min_keep=0.0), approx=Approximation(**kwargs),
+                             engine=EngineOptions(engine), progress=False)[1]
             for engine in ("naive", "fast")]
     assert len(runs[0]) >= 3
     assert [(s.layer, s.removed) for s in runs[0]] == [(s.layer, s.removed) for s in runs[1]]
@@ -275,7 +285,7 @@ def test_whole_global_runs_pick_what_the_naive_engine_picks(name, kwargs, tiny, 
 def test_car_importance_inside_torch_pruning(baseline, fmnist):
     scoring = subset(fmnist.val, 200)
     model = copy.deepcopy(baseline)
-    surgery = Surgery(copy.deepcopy(baseline), fmnist.val.tensors[0][:1])
+    surgery = Surgery(baseline, fmnist.val.tensors[0][:1])
     from carprune.criteria import importance
     ours = importance("car-oneshot", surgery, "conv3", cp.scoring.ScoringSet.from_any(scoring))
     keep = sorted(sorted(range(64), key=lambda i: (-float(ours[i]), i))[:48])
@@ -331,7 +341,7 @@ def test_first_order_estimate_is_the_derivative_of_each_images_loss(tiny, fmnist
     from carprune.scoring.masked import mask_points
 
     scoring = ScoringSet.from_any(subset(fmnist.val, 64), 10)
-    surgery = Surgery(copy.deepcopy(tiny).eval(), scoring.example())
+    surgery = Surgery(tiny, scoring.example())
     estimate = first_order(surgery, ["conv2", "conv3"], scoring)
     x, y = scoring.batches[0]
     surgery.model.double()
@@ -361,8 +371,8 @@ def test_shortlist_scores_only_the_shortlist_from_the_first_round(tiny, fmnist, 
                                                                     capsys):
     scoring = subset(fmnist.val, 200)
     calls = candidates_scored(monkeypatch)
-    result, steps = global_car_prune(tiny, scoring, target=0.6, min_keep=0.0, shortlist=5,
-                                     step=2)
+    result, steps = global_car_prune(tiny, scoring, target=0.6, budget=Budget(min_keep=0.0),
+                                     approx=Approximation(step=2, shortlist=5))
     # the estimate first: 1, then 2, then 10 candidates (or all) of each layer of 4, 6, 6
     timed = 9
     assert calls[:timed] == [1, 2, 4, 1, 2, 6, 1, 2, 6]
@@ -383,8 +393,8 @@ def test_race_scores_the_shortlist_on_its_images_and_only_the_finalists_on_all(
     scoring = subset(fmnist.val, 200)
     x, y = scoring.tensors
     calls = candidates_scored(monkeypatch)
-    _, steps = global_car_prune(tiny, scoring, target=0.7, min_keep=0.0, shortlist=5, step=1,
-                                race=50, progress=False)
+    _, steps = global_car_prune(tiny, scoring, target=0.7, budget=Budget(min_keep=0.0),
+                                approx=Approximation(shortlist=5, race=50), progress=False)
     monkeypatch.undo()
     assert calls[:4] == [5, 2, 5, 2]
 
@@ -392,7 +402,7 @@ def test_race_scores_the_shortlist_on_its_images_and_only_the_finalists_on_all(
         lost, worse = scores[u]
         cost = by_hand_cost(tiny, *u)
         return by_hand_efficiency(lost, cost), by_hand_efficiency(worse, cost), int(u[0][-1]), u[1]
-    surgery = Surgery(copy.deepcopy(tiny).eval(), x[:1])
+    surgery = Surgery(tiny, x[:1])
     estimate = first_order(surgery, ["conv1", "conv2", "conv3"],
                            ScoringSet.from_any(subset(fmnist.val, 50), 10))
     listed = sorted(((u.layer, u.channel) for u in estimate), key=lambda u: (
@@ -410,7 +420,8 @@ def test_race_scores_the_shortlist_on_its_images_and_only_the_finalists_on_all(
     ({"race": 200, "shortlist": 5}, "must be fewer than the 200 scoring images")])
 def test_race_refuses_what_cannot_race(tiny, fmnist, kwargs, message):
     with pytest.raises(cp.CarpruneError, match=message):
-        global_car_prune(tiny, subset(fmnist.val, 200), target=0.7, progress=False, **kwargs)
+        global_car_prune(tiny, subset(fmnist.val, 200), target=0.7, progress=False,
+                         approx=Approximation(**kwargs))
 
 
 def test_the_run_estimate_is_arithmetic_on_the_timed_costs():

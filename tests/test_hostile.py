@@ -177,14 +177,14 @@ def test_nan_in_scoring_data_and_one_class_warning(baseline):
     one_class = torch.utils.data.TensorDataset(torch.randn(8, 1, 28, 28),
                                                torch.zeros(8, dtype=torch.long))
     with pytest.warns(UserWarning, match="single class"):
-        cp.car_prune(baseline, one_class, ["conv3"], keep=63, num_classes=10, progress=False)
+        cp.car_prune(baseline, one_class, ["conv3"], keep=63, progress=False)
 
 
 def test_memory_budget_checked_before_starting(baseline, fmnist):
     from .conftest import subset
     with pytest.raises(cp.CarpruneError, match="over the memory budget.*--score-samples"):
         cp.car_prune(baseline, subset(fmnist.val, 500), ["conv1"], keep=0.5,
-                     memory_budget=10 * 2**20, progress=False)
+                     engine=cp.EngineOptions(memory_budget=10 * 2**20), progress=False)
 
 
 def test_cli_damaged_checkpoint_one_line_exit_2(checkpoint, tmp_path):

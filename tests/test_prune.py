@@ -1,4 +1,3 @@
-import copy
 import json
 
 import pytest
@@ -6,9 +5,9 @@ import torch
 import torch.nn.functional as F
 
 import carprune as cp
-from carprune import compensation
+from carprune.car import Approximation, EngineOptions, car_prune, resolve_keep
 from carprune.groups import Surgery
-from carprune.prune import car_prune, resolve_keep
+from carprune.scoring import compensation
 
 from .conftest import hand_made_data, hand_made_net, subset
 
@@ -20,8 +19,8 @@ def test_hand_made_car_indices_and_picks():
     # CAR = (2/3, 1/3, 0): remove 2. Then without 0: 1.0x -> 1.2 right (1/3); without 1:
     # 2.0x -> 0.6, 1.2 (2/3): remove 1.
     for engine in ("naive", "fast"):
-        result = car_prune(hand_made_net(), hand_made_data(), ["conv1"], keep=1, engine=engine,
-                           num_classes=2, progress=False)
+        result = car_prune(hand_made_net(), hand_made_data(), ["conv1"], keep=1,
+                           engine=EngineOptions(engine), progress=False)
         rec = result.layers["conv1"]
         assert rec.removed == [2, 1]
         assert rec.steps[0].car == pytest.approx([2 / 3, 1 / 3, 0.0])
@@ -36,8 +35,8 @@ def test_hand_made_compensated_car():
     # (least squares), any of them carries the others' share: logit1 stays 3.1x, no image
     # changes (CAR 0 everywhere), and the last filter's readout weight is about 3.1.
     for engine in ("naive", "fast"):
-        result = car_prune(hand_made_net(), hand_made_data(), ["conv1"], keep=1, engine=engine,
-                           compensate=True, num_classes=2, progress=False)
+        result = car_prune(hand_made_net(), hand_made_data(), ["conv1"], keep=1,
+                           engine=EngineOptions(engine, compensate=True), progress=False)
         rec = result.layers["conv1"]
         assert rec.steps[0].car == [0.0, 0.0, 0.0] and rec.steps[1].car == [0.0, 0.0]
         assert result.val_after == 1.0
@@ -49,7 +48,7 @@ def test_compensation_is_the_least_squares_refit(concat_net, fmnist):
     # mix's new weight must reproduce its old output from the inputs left as well as
     # torch.linalg.lstsq does, and far better than dropping the columns.
     x = subset(fmnist.val, 300).tensors[0]
-    surgery = Surgery(copy.deepcopy(concat_net), x[:1])
+    surgery = Surgery(concat_net, x[:1])
     seen = []
     hook = surgery.model.mix.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
     with torch.no_grad():
@@ -72,8 +71,7 @@ def test_ties_go_to_lower_loss_then_lower_index():
     # filters 2 and 3 are identical and harmless: equal counts and equal loss -> lower index
     # first; filter 1 costs no accuracy either but more loss than 2 and 3.
     net = hand_made_net(readout=(2.0, 0.5, 0.05, 0.05), threshold=0.5)
-    result = car_prune(net, hand_made_data((0.4, 0.6, 1.2)), ["conv1"], keep=1,
-                       num_classes=2, progress=False)
+    result = car_prune(net, hand_made_data((0.4, 0.6, 1.2)), ["conv1"], keep=1, progress=False)
     assert result.layers["conv1"].removed[:2] == [2, 3]
 
 
@@ -106,7 +104,8 @@ def test_first_picks_equal_brute_force_on_convnet(baseline, fmnist):
     x, y = scoring.tensors
     expected = brute_force_picks(baseline, x, y, 3)
     for engine in ("naive", "fast"):
-        result = car_prune(baseline, scoring, ["conv1"], keep=29, engine=engine, progress=False)
+        result = car_prune(baseline, scoring, ["conv1"], keep=29, engine=EngineOptions(engine),
+                           progress=False)
         assert result.layers["conv1"].removed == expected
 
 
@@ -126,7 +125,8 @@ def test_impossible_keep(keep, words):
 
 def test_step_k_and_history_reload(baseline, fmnist, tmp_path):
     scoring = subset(fmnist.val, 300)
-    result = car_prune(baseline, scoring, ["conv2", "conv1"], keep=0.75, step=4, progress=False)
+    result = car_prune(baseline, scoring, ["conv2", "conv1"], keep=0.75,
+                       approx=Approximation(step=4), progress=False)
     assert [len(s.removed) for s in result.layers["conv2"].steps] == [4, 4, 4, 4]
     assert result.model.conv2.out_channels == 48 and result.model.conv1.out_channels == 24
     assert baseline.conv2.out_channels == 64  # the input model is untouched
@@ -141,9 +141,10 @@ def test_step_k_and_history_reload(baseline, fmnist, tmp_path):
 def test_screen_rescores_only_the_lowest_so_far(baseline, fmnist):
     scoring = subset(fmnist.val, 300)
     exact = car_prune(baseline, scoring, ["conv3"], keep=58, progress=False)
-    wide = car_prune(baseline, scoring, ["conv3"], keep=58, screen=64, progress=False)
+    wide = car_prune(baseline, scoring, ["conv3"], keep=58, approx=Approximation(screen=64),
+                     progress=False)
     assert wide.layers["conv3"].removed == exact.layers["conv3"].removed
-    steps = car_prune(baseline, scoring, ["conv3"], keep=58, screen=5,
+    steps = car_prune(baseline, scoring, ["conv3"], keep=58, approx=Approximation(screen=5),
                       progress=False).layers["conv3"].steps
     assert steps[0].candidates == exact.layers["conv3"].steps[0].candidates  # first: all
     last = dict(zip(steps[0].candidates, steps[0].car, strict=True))
@@ -156,4 +157,5 @@ def test_screen_rescores_only_the_lowest_so_far(baseline, fmnist):
         last.update(zip(now.candidates, now.car, strict=True))
         removed |= set(now.removed)
     with pytest.raises(cp.CarpruneError, match="--screen must be at least --step"):
-        car_prune(baseline, scoring, ["conv3"], keep=58, step=4, screen=2, progress=False)
+        car_prune(baseline, scoring, ["conv3"], keep=58, approx=Approximation(step=4, screen=2),
+                  progress=False)

@@ -2,7 +2,6 @@
 fast engine's tallies against the naive engine's, and pruned models that reload without pickle
 and compute the same outputs."""
 
-import copy
 
 import pytest
 import torch
@@ -43,7 +42,7 @@ def real(request):
 
 def test_fast_equals_naive_on_a_plain_and_a_coupled_unit(real):
     model, plain, coupled, scoring = real
-    surgery = Surgery(copy.deepcopy(model), scoring.example())
+    surgery = Surgery(model, scoring.example())
     for layer in (plain, coupled):
         units = [Unit(layer, c) for c in range(0, surgery.size(layer), 6)]
         nb, naive = NaiveEngine().score(surgery, units, scoring)
@@ -56,7 +55,8 @@ def test_fast_equals_naive_on_a_plain_and_a_coupled_unit(real):
 
 def test_pruned_reloads_without_pickle_with_the_same_outputs(real, tmp_path):
     model, plain, coupled, scoring = real
-    result = cp.car_prune(model, scoring, [plain, coupled], keep=0.9, step=4, progress=False)
+    result = cp.car_prune(model, scoring, [plain, coupled], keep=0.9,
+                          approx=cp.Approximation(step=4), progress=False)
     pruned = result.model
     assert all(rec.filters_after < rec.filters_before for rec in result.layers.values())
     io.save(pruned, tmp_path / "m")

@@ -16,8 +16,16 @@ import torch
 
 import carprune as cp
 from carprune import CarpruneError
+from carprune.car import (
+    Approximation,
+    Budget,
+    EngineOptions,
+    LayerRecord,
+    Resume,
+    car_prune,
+    global_car_prune,
+)
 from carprune.io import atomic_write
-from carprune.prune import LayerRecord, car_prune, global_car_prune
 from carprune.resume import STATE_DIR, RunState
 
 from .conftest import quick_trained, subset
@@ -145,12 +153,12 @@ def test_compensated_replay_rebuilds_the_same_weights(baseline, fmnist):
     # a resumed run replays its recorded removals, refits included: the weights must come out
     # as in the uninterrupted run
     scoring = subset(fmnist.val, 200)
-    whole = car_prune(baseline, scoring, ["conv2"], keep=60, step=2, compensate=True,
-                      progress=False)
+    kwargs = {"keep": 60, "approx": Approximation(step=2),
+              "engine": EngineOptions(compensate=True), "progress": False}
+    whole = car_prune(baseline, scoring, ["conv2"], **kwargs)
     first = whole.layers["conv2"].steps[:1]
     done = {"conv2": LayerRecord(64, 60, list(first[0].removed), list(first))}
-    resumed = car_prune(baseline, scoring, ["conv2"], keep=60, step=2, compensate=True,
-                        progress=False, done=done)
+    resumed = car_prune(baseline, scoring, ["conv2"], **kwargs, resume=Resume(done))
     assert resumed.layers["conv2"].removed == whole.layers["conv2"].removed
     theirs = resumed.model.state_dict()
     assert all(torch.equal(v, theirs[k]) for k, v in whole.model.state_dict().items())
@@ -228,21 +236,21 @@ def test_replayed_global_run_with_screen_goes_on_identically(tiny, fmnist, tmp_p
     # killed right after saving its third round; resumed from state.json, the run must pick
     # the same units (the screen ranks by the scores it remembers) and refit the same weights
     scoring = subset(fmnist.val, 200)
-    kwargs = {"target": 0.5, "min_keep": 0.0, "screen": 3, "compensate": True,
-              "progress": False}
+    kwargs = {"target": 0.5, "budget": Budget(min_keep=0.0), "approx": Approximation(screen=3),
+              "engine": EngineOptions(compensate=True), "progress": False}
     whole, steps = global_car_prune(tiny, scoring, **kwargs)
     state = RunState.open(tmp_path / "run", {"a": 1})
 
-    def save_then_die(progress):
+    def save_then_die(progress, model):
         state.save_global(progress)
         if len(progress.rounds) == 3:
             raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        global_car_prune(tiny, scoring, **kwargs, on_round=save_then_die)
+        global_car_prune(tiny, scoring, **kwargs, resume=Resume(on_step=save_then_die))
     done = RunState.open(tmp_path / "run", {"a": 1}).global_progress()
     assert len(done.rounds) == 3 < len(steps) and done.last
     assert all(math.isnan(st.val_accuracy) for st in done.rounds[-1])
-    resumed, resumed_steps = global_car_prune(tiny, scoring, **kwargs, done=done)
+    resumed, resumed_steps = global_car_prune(tiny, scoring, **kwargs, resume=Resume(done))
     assert [dataclasses.asdict(st) for st in resumed_steps] == \
         [dataclasses.asdict(st) for st in steps]
     assert resumed.layers == whole.layers and resumed.val_before == whole.val_before

@@ -21,13 +21,14 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
+from .car import Approximation, PruneResult, car_prune, resolve_keep
 from .data import IMAGENET_STATS, normalise
 from .groups import Surgery, Unit
 from .measure import module_macs
-from .prune import PruneResult, car_prune, resolve_keep
-from .scoring import FastEngine, NaiveEngine, ScoringSet, rank
+from .scoring import Engine, EngineOptions, FastEngine, ScoringSet, make_engine
 from .scoring.graph import inference
 from .scoring.naive import full_pass
+from .scoring.rule import rank
 from .train import evaluate
 
 
@@ -65,7 +66,7 @@ def tail_macs(surgery: Surgery, layer: str, macs: dict[str, int]) -> int:
     return sum(v for k, v in macs.items() if k in called)
 
 
-def _greedy(engine, surgery: Surgery, layer: str, scoring: ScoringSet, steps: int,
+def _greedy(engine: Engine, surgery: Surgery, layer: str, scoring: ScoringSet, steps: int,
             progress: bool = True):
     picks, candidates = [], 0
     n = surgery.size(layer)
@@ -75,8 +76,8 @@ def _greedy(engine, surgery: Surgery, layer: str, scoring: ScoringSet, steps: in
     for _ in range(steps):
         units = [Unit(layer, c) for c in range(surgery.size(layer))]
         candidates += len(units)
-        _, scores = engine.score(surgery, units, scoring, bar.update)
-        chosen = rank(scores, surgery.alive[layer])[0]
+        base, scores = engine.score(surgery, units, scoring, bar.update)
+        chosen = rank(base, scores, surgery.alive[layer])[0]
         picks += surgery.remove(layer, [chosen])
     seconds = time.perf_counter() - start
     bar.close()
@@ -108,14 +109,16 @@ def bench_layers(model: nn.Module, scoring: ScoringSet, layers: list[str], steps
     run = inference(model)  # the whole network as fast as the tails run: BatchNorms folded
     rows, speeds = [], []
     for layer in layers:
-        naive_s = Surgery(copy.deepcopy(model), example)
-        fast_s = Surgery(copy.deepcopy(model), example)
+        naive_s = Surgery(model, example)
+        fast_s = Surgery(model, example)
         progress(f"bench {layer}: naive engine, {steps} steps ...")
-        picks_n, cands, t_naive = _greedy(NaiveEngine(), naive_s, layer, scoring, steps)
+        picks_n, cands, t_naive = _greedy(make_engine(EngineOptions("naive")), naive_s, layer,
+                                          scoring, steps)
         speeds.append(throughput(run, scoring, total))
         bound_per_cand = tail_macs(fast_s, layer, macs) * scoring.total / speeds[-1]
         progress(f"bench {layer}: fast engine, {steps} steps ...")
-        picks_f, _, t_fast = _greedy(FastEngine(), fast_s, layer, scoring, steps)
+        picks_f, _, t_fast = _greedy(make_engine(EngineOptions("fast")), fast_s, layer,
+                                     scoring, steps)
         rows.append(LayerBench(layer, fast_s.kind(layer), cands, t_naive, t_fast,
                                bound_per_cand * cands, picks_n, picks_f))
     return rows, statistics.median(speeds)
@@ -182,7 +185,7 @@ def whole_run(model: nn.Module, scoring: ScoringSet, layers: list[str], keep: fl
               progress: bool = True) -> tuple[PruneResult, dict[str, int]]:
     """Exact fast CAR of every layer to `keep` (its seconds are the run's), and candidates
     scored per layer."""
-    result = car_prune(model, scoring, layers, keep=keep, engine="fast", progress=progress)
+    result = car_prune(model, scoring, layers, keep=keep, progress=progress)
     cands = {name: sum(len(s.candidates) for s in rec.steps)
              for name, rec in result.layers.items()}
     return result, cands
@@ -195,9 +198,9 @@ def approximations(model: nn.Module, scoring: ScoringSet, test, exact: PruneResu
     exact run's."""
     exact_test = evaluate(exact.model, test).accuracy
     rows = []
-    for mode, kwargs in ((f"--step {step}", {"step": step}),
-                         (f"--screen {screen}", {"screen": screen})):
-        result = car_prune(model, scoring, layers, keep=keep, **kwargs)
+    for mode, approx in ((f"--step {step}", Approximation(step=step)),
+                         (f"--screen {screen}", Approximation(screen=screen))):
+        result = car_prune(model, scoring, layers, keep=keep, approx=approx)
         same = sum(len(set(rec.removed) & set(exact.layers[name].removed))
                    for name, rec in result.layers.items())
         total = sum(len(rec.removed) for rec in exact.layers.values())

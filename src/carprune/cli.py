@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import traceback
 import types
 import typing
 import warnings
@@ -58,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="carprune", description="Remove the filters a CNN needs least (CAR: "
         "classification accuracy reduction) and explain the ones it keeps.")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    parser.add_argument("--debug", action="store_true", help="on an error caused by another "
+                        "exception (your factory's, timm's), also print that one's traceback")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (config, help_text) in COMMANDS.items():
         add_options(sub.add_parser(name, help=help_text), config)
@@ -88,6 +91,9 @@ def main(argv: list[str] | None = None) -> None:
         dist.init_from_env(resolve_device(config.device))
         run_command(args.command, config)
     except CarpruneError as exc:
+        cause = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+        if args.debug and cause is not None:
+            traceback.print_exception(cause, file=sys.stderr)
         print(f"carprune: error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

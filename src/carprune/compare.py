@@ -8,7 +8,6 @@ criteria rank once. Points on the curve are evaluated by ablation (identical to 
 
 from __future__ import annotations
 
-import copy
 import csv
 import io as _io
 import math
@@ -20,10 +19,10 @@ from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
 from . import criteria
+from .car import car_prune
 from .devices import device_of
 from .groups import Surgery, Unit
 from .io import atomic_write
-from .prune import car_prune
 from .scoring import ScoringSet
 from .train import evaluate, fit
 
@@ -48,7 +47,7 @@ def removal_order(model: nn.Module, scoring: ScoringSet, layer: str, criterion: 
     if criterion == "car":
         result = car_prune(model, scoring, [layer], keep=down_to, progress=progress)
         return result.layers[layer].removed
-    surgery = Surgery(copy.deepcopy(model), scoring.example())
+    surgery = Surgery(model, scoring.example())
     order = criteria.ranking(criterion, surgery, layer, scoring, seed)
     n = surgery.size(layer)
     return [surgery.alive[layer][p] for p in order[:n - down_to]]
@@ -62,14 +61,14 @@ def kept_counts(n: int, keep_grid: Sequence[float]) -> list[int]:
 
 def accuracy_without(model: nn.Module, layer: str, removed: list[int],
                      datasets: list[TensorDataset]) -> list[float]:
-    surgery = Surgery(copy.deepcopy(model), datasets[0].tensors[0][:1].to(device_of(model)))
+    surgery = Surgery(model, datasets[0].tensors[0][:1].to(device_of(model)))
     with surgery.ablated([Unit(layer, c) for c in removed]):
         return [evaluate(surgery.model, d).accuracy for d in datasets]
 
 
 def retrained_accuracy(model: nn.Module, layer: str, removed: list[int], train: TensorDataset,
                        test: TensorDataset, epochs: int, seed: int) -> float:
-    surgery = Surgery(copy.deepcopy(model), test.tensors[0][:1].to(device_of(model)))
+    surgery = Surgery(model, test.tensors[0][:1].to(device_of(model)))
     surgery.remove(layer, removed)
     fit(surgery.model, train, epochs, lr=0.01, seed=seed, progress=False)
     return evaluate(surgery.model, test).accuracy

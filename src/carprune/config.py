@@ -18,11 +18,12 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .car.settings import Approximation, Budget, EngineOptions, check_global, check_keep
 from .criteria import CRITERIA
 from .devices import resolve_device
 from .errors import CarpruneError
-from .prune import check_approximation, check_global, check_keep, check_shortlist
-from .scoring import DEFAULT_MEMORY_BUDGET
+from .scoring import DEFAULT_MEMORY_BUDGET, ENGINES
+from .scoring.compensation import RIDGE
 
 
 def option(default, help: str, check: Callable | None = None, **cli):
@@ -146,6 +147,19 @@ class DataOptions(DeviceOptions):
 
 
 @dataclass
+class ModelOptions(DataOptions):
+    """The door to a network for commands that read one: a checkpoint (each command declares
+    its positional CHECKPOINT) or a factory with weights; `commands.common.open_model` opens
+    either."""
+
+    model: str | None = option(None, "instead of a checkpoint: a factory package.module:function "
+                               "(or a zoo name, or timm:NAME), e.g. torchvision.models:resnet18")
+    weights: str | None = option(None, "with --model: a safetensors state dict (or, with "
+                                 "--trust-pickle, a torch.save file, read with weights_only)")
+    trust_pickle: bool = option(False, "allow --weights to be a pickle (torch.save) file")
+
+
+@dataclass
 class TrainConfig(DataOptions):
     out: str = option(None, "checkpoint directory to write", required=True)
     model: str = option("convnet", "a zoo model (see carprune.models.list_models())")
@@ -156,24 +170,19 @@ class TrainConfig(DataOptions):
 
 
 @dataclass
-class EvaluateConfig(DataOptions):
-    checkpoint: str = option(None, CHECKPOINT_HELP, positional=True)
+class EvaluateConfig(ModelOptions):
+    checkpoint: str | None = option(None, CHECKPOINT_HELP, positional=True, nargs="?")
     split: str = option("test", "split to evaluate", choices=["test", "val", "train"])
     json: str | None = option(None, "also write the figures to this JSON file")
 
 
 @dataclass
-class PruneConfig(DataOptions):
+class PruneConfig(ModelOptions):
     """`carprune prune`: per-layer CAR to `keep`, or global CAR under one budget."""
 
     out: str = option(None, "run directory; re-running the same command there resumes the run",
                       required=True)
     checkpoint: str | None = option(None, CHECKPOINT_HELP, positional=True, nargs="?")
-    model: str | None = option(None, "instead of a checkpoint: a factory package.module:function "
-                               "(or a zoo name), e.g. torchvision.models:resnet18")
-    weights: str | None = option(None, "with --model: a safetensors state dict (or, with "
-                                 "--trust-pickle, a torch.save file, read with weights_only)")
-    trust_pickle: bool = option(False, "allow --weights to be a pickle (torch.save) file")
     layers: list[str] | None = option(None, "conv layers, pruned in order (with a target: the "
                                       "layers of the global run; default all)")
     keep: float = option(0.5, "per layer: a fraction in (0, 1) or a count of filters (default "
@@ -194,6 +203,9 @@ class PruneConfig(DataOptions):
     ignore: list[str] | None = option(None, "layers global CAR must not prune (e.g. the stem)")
     compensate: bool = option(False, "refit the layers that read a pruned filter's channel by "
                               "least squares on the rest, when scoring and when removing")
+    ridge: float | None = option(None, "with --compensate: the least-squares fit's damping, "
+                                 f"relative to the Gram diagonal's mean (default {RIDGE:g})",
+                                 positive)
     labels: str = option("data", "score against the labels, or against the unpruned model's "
                          "predictions (for unlabelled images)", choices=["data", "model"])
     criterion: str = option("car", "car (default) or another criterion to compare with",
@@ -207,9 +219,13 @@ class PruneConfig(DataOptions):
     race: int | None = option(None, "approximate, with --shortlist: estimate and score the "
                               "shortlist on the first N scoring images, then only its best "
                               "2 x --step on all of them", positive)
+    blocks: float | None = option(None, "approximate, for global runs on networks too big for a "
+                                  "candidate per filter: every round each layer offers the "
+                                  "fraction F of its filters a first-order estimate ranks least "
+                                  "needed, scored jointly; the best --step blocks go", fraction)
     score_samples: int | None = option(None, "score on the first N val images only (default: "
                                        "all)", positive)
-    engine: str = option("fast", "the scoring engine", choices=["fast", "naive"])
+    engine: str = option("fast", "the scoring engine", choices=list(ENGINES))
     memory_budget: float = option(DEFAULT_MEMORY_BUDGET / 2**30, "GiB the scoring set and the "
                                   "fast engine's candidate batches may use, of GPU memory on a "
                                   "GPU (default 2)", positive)
@@ -230,12 +246,27 @@ class PruneConfig(DataOptions):
                  if value is not None}
         return next(iter(given.items()), ("macs", None))
 
+    def approximation(self) -> Approximation:
+        """The run's approximation (a per-layer run refuses what only a global run does)."""
+        fields = (self.step, self.screen, self.shortlist, self.race, self.blocks)
+        return Approximation.per_layer(*fields) if self.budget[1] is None \
+            else Approximation(*fields)
+
+    def engine_options(self) -> EngineOptions:
+        return EngineOptions(self.engine, int(self.memory_budget * 2**30), self.compensate,
+                             RIDGE if self.ridge is None else self.ridge)
+
+    def budget_settings(self) -> Budget:
+        """A global run's budget (its target is `budget`'s second half)."""
+        return Budget(self.budget[0], self.cost, self.min_keep, self.round_to, self.ignore or ())
+
     def check_together(self) -> None:
+        """The settings check themselves; what is left is which run the options ask for."""
         targets = [self.target_macs, self.target_params, self.target_latency_ms]
         if sum(t is not None for t in targets) > 1:
             raise CarpruneError("give one budget: --target-macs, --target-params or "
                                 "--target-latency-ms, not several")
-        check_approximation(self.step, self.screen)
+        approx = self.approximation()
         if self.budget[1] is None:
             check_keep(self.keep)
             if not self.layers:
@@ -246,13 +277,9 @@ class PruneConfig(DataOptions):
                 raise CarpruneError("--round-to applies to global runs (--target-macs, "
                                     "--target-params or --target-latency-ms); per layer, give "
                                     "--keep as a count of filters")
-            if self.shortlist is not None or self.race is not None:
-                raise CarpruneError("--shortlist and --race apply to global runs (--target-macs, "
-                                    "--target-params or --target-latency-ms); per layer, use "
-                                    "--screen")
         else:
-            check_global(self.round_to, self.min_keep)
-            check_shortlist(self.shortlist, self.step, self.screen, self.race)
+            check_global(approx, self.budget_settings())
+        self.engine_options()
         if self.compensate and self.criterion != "car":
             raise CarpruneError(f"--compensate refits layers for CAR; it does not apply to "
                                 f"--criterion {self.criterion}, drop one of the two")
@@ -314,12 +341,9 @@ class ExplainConfig(DataOptions):
     layers: list[str] = option(None, "conv layers to explain", required=True)
     prune_run: str | None = option(None, "a carprune prune output directory: mark its CAR "
                                    "removal order")
-    shortlist: int | None = option(None, "approximate, for global runs on big networks: every "
-                                   "round, from the first, score exactly only the M units a "
-                                   "first-order estimate ranks first per saving", positive)
     score_samples: int | None = option(None, "score on the first N val images only (default: "
                                        "all)", positive)
-    engine: str = option("fast", "the scoring engine", choices=["fast", "naive"])
+    engine: str = option("fast", "the scoring engine", choices=list(ENGINES))
     top_k: int = option(6, "patches shown per filter (default 6)")
 
 

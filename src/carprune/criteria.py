@@ -5,21 +5,28 @@ Where Torch-Pruning has the criterion we use its class: magnitude (`l1`, `l2`:
 `GroupMagnitudeImportance`), first-order Taylor (`taylor`: `GroupTaylorImportance`, Molchanov
 et al.), geometric median (`fpgm`: `FPGMImportance`) and `random` (`RandomImportance`). The
 activation statistics `mean-activation` and `apoz` (average percentage of zeros, Hu et al.) are
-measured here on the channel as its consumer reads it. CAR itself lives in `prune.py`
-(greedy) and here as `car-oneshot` (CAR indices computed once).
+measured here on the channel as its consumer reads it. CAR itself lives in `car/` (greedy)
+and here as `car-oneshot` (the ranking rule on one scoring pass). `criterion_prune` prunes by
+any of them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 import torch_pruning as tp
+from torch import nn
 
+from .car.records import LayerRecord, PruneResult
+from .car.run import check_layers, open_surgery, record_history
+from .car.settings import resolve_keep
 from .errors import CarpruneError
 from .groups import Surgery, Unit
-from .scoring import ScoringSet, make_engine
+from .scoring import EngineOptions, ScoringSet, make_engine
+from .scoring.rule import importance as car_importance
 
 CRITERIA = ["car", "car-oneshot", "l1", "l2", "taylor", "fpgm", "mean-activation", "apoz",
             "random"]
@@ -84,11 +91,11 @@ def _apoz(surgery, layer, scoring, seed) -> torch.Tensor:
 
 
 def _car_oneshot(surgery, layer, scoring, seed) -> torch.Tensor:
-    """Accuracy lost without each filter, from one scoring pass (a filter whose removal costs
-    less is less important); lower loss breaks ties as in greedy CAR."""
+    """Images lost without each filter, from one scoring pass, ordered by the ranking rule (a
+    filter whose removal costs less is less important)."""
     units = [Unit(layer, c) for c in range(surgery.size(layer))]
-    base, scores = make_engine("fast").score(surgery, units, scoring)
-    return (base.correct - scores.correct).double() + 1e-9 * (scores.loss / scoring.total)
+    base, scores = make_engine().score(surgery, units, scoring)
+    return car_importance(base, scores, surgery.alive[layer])
 
 
 _SCORES = {
@@ -126,10 +133,10 @@ def ranking(criterion: str, surgery: Surgery, layer: str, scoring: ScoringSet,
 class CARImportance(tp.importance.Importance):
     """CAR as a Torch-Pruning importance, for `tp.pruner.BasePruner(..., importance=...)`.
 
-    A channel's importance is the scoring accuracy lost without it (ties: the loss it adds), so
-    Torch-Pruning removes first what costs least. `data`: any iterable of (images, labels)
-    batches, a DataLoader or a TensorDataset. Groups rooted at anything but a conv get None
-    (Torch-Pruning then leaves them alone).
+    A channel's importance is the scoring images lost without it, ordered by the ranking rule
+    (scoring/rule.py), so Torch-Pruning removes first what costs least. `data`: any iterable
+    of (images, labels) batches, a DataLoader or a TensorDataset. Groups rooted at anything but
+    a conv get None (Torch-Pruning then leaves them alone).
     """
 
     def __init__(self, data, num_classes: int | None = None, engine: str = "fast"):
@@ -141,11 +148,29 @@ class CARImportance(tp.importance.Importance):
         root = group[0].dep.target.module
         if not isinstance(root, torch.nn.Conv2d):
             return None
-        dg = group._DG
-        surgery = Surgery(dg.model, self.scoring.example(), dg=dg)
+        surgery = Surgery.adopt(group._DG, self.scoring.example())
         name = surgery.names[root]
-        units = [Unit(name, int(i)) for i in group[0].root_idxs]
-        base, scores = make_engine(self.engine).score(surgery, units, self.scoring)
-        lost = (base.correct - scores.correct).double()
-        added_loss = (scores.loss - base.loss).double() / self.scoring.total
-        return lost + 1e-6 * torch.sigmoid(added_loss)
+        channels = [int(i) for i in group[0].root_idxs]
+        units = [Unit(name, c) for c in channels]
+        base, scores = make_engine(EngineOptions(engine=self.engine)).score(
+            surgery, units, self.scoring)
+        return car_importance(base, scores, channels)
+
+
+def criterion_prune(model: nn.Module, data, layers: Sequence[str], criterion: str,
+                    keep: float = 0.5, seed: int = 0) -> PruneResult:
+    """Prune a copy of `model` by any criterion but greedy CAR: rank once per layer, remove
+    the lowest."""
+    start = time.perf_counter()
+    scoring, surgery = open_surgery(model, data)
+    check_layers(surgery, layers)
+    targets = {name: resolve_keep(keep, surgery.size(name), name) for name in layers}
+    records = {}
+    for name in layers:
+        n = surgery.size(name)
+        doomed = ranking(criterion, surgery, name, scoring, seed)[:n - targets[name]]
+        records[name] = LayerRecord(n, targets[name], [surgery.alive[name][p] for p in doomed])
+        surgery.remove(name, doomed)
+    record_history(surgery)
+    return PruneResult(surgery.model, records, float("nan"), float("nan"),
+                       time.perf_counter() - start, criterion)

@@ -1,29 +1,19 @@
-"""More than one process: CAR scoring sharded over torch.distributed ranks.
+"""More than one process: the torch.distributed process group and its primitives.
 
-Scoring is a sum over images, so each rank scores its share of the scoring set and the tallies
-(per-candidate correct counts, per-class counts and summed losses) are all-reduced. Every rank
-then takes the same decision from the same reduced numbers (no broadcast needed: integers are
-exact, and all-reduce hands every rank the same float sums). Rank 0 alone shows progress and
-writes files. Backend: nccl on GPUs (each process on cuda:LOCAL_RANK), gloo on the CPU.
-Launch with torchrun.
+Launch with torchrun. Backend: nccl on GPUs (each process on cuda:LOCAL_RANK), gloo on the CPU.
+Rank 0 alone shows progress and writes files. How scoring is shared among the processes is
+scoring/sharded.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import os
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from .errors import CarpruneError
-
-if TYPE_CHECKING:  # the scoring layer sits above this one: names for annotations only
-    from .groups import Surgery, Unit
-    from .scoring import Scores, ScoringSet
 
 TIMEOUT_ENV = "CARPRUNE_DIST_TIMEOUT"
 
@@ -62,17 +52,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def shard(scoring: ScoringSet) -> ScoringSet:
-    """This rank's batches (every world-th batch): the shards are disjoint and cover the set."""
-    if not active():
-        return scoring
-    mine = scoring.batches[rank()::world()]
-    if not mine:
-        raise CarpruneError(f"the scoring set has {len(scoring.batches)} batches, fewer than the "
-                            f"{world()} processes; use more scoring images or fewer processes")
-    return dataclasses.replace(scoring, batches=mine)
-
-
 def all_reduce_tensor(tensor: torch.Tensor) -> None:
     """Sum a tensor over all processes, in place."""
     try:
@@ -81,32 +60,3 @@ def all_reduce_tensor(tensor: torch.Tensor) -> None:
         raise CarpruneError(f"a peer process stopped or timed out during scoring ({exc}); "
                             "re-run the same command, it resumes from the last saved step") \
             from None
-
-
-def all_reduce(scores: Scores) -> Scores:
-    """Sum the tallies (kept on the CPU) over all processes, through the backend's device."""
-    device = torch.device("cuda", torch.cuda.current_device()) \
-        if dist.get_backend() == "nccl" else torch.device("cpu")
-    total = torch.tensor([scores.total], dtype=torch.int64)
-    parts = [t.to(device) for t in (scores.correct, scores.class_correct, scores.loss, total)]
-    for tensor in parts:
-        all_reduce_tensor(tensor)
-    scores.correct, scores.class_correct, scores.loss, total = (t.cpu() for t in parts)
-    scores.total = int(total)
-    return scores
-
-
-class ShardedEngine:
-    """Wraps an engine: scores this rank's shard, then sums the tallies over all ranks."""
-
-    def __init__(self, engine):
-        self.engine = engine
-        self.name = f"{engine.name} x{world()} processes"
-
-    def score(self, surgery: Surgery, units: Sequence[Unit], scoring: ScoringSet,
-              advance: Callable[[int], None] = lambda n: None) -> tuple[Scores, Scores]:
-        base, scores = self.engine.score(surgery, units, scoring, advance)
-        return all_reduce(base), all_reduce(scores)
-
-    def cache_bytes(self, surgery: Surgery, layer: str, scoring: ScoringSet) -> int:
-        return self.engine.cache_bytes(surgery, layer, scoring)

@@ -13,6 +13,7 @@ consumers' input channels). Two operations:
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -33,6 +34,23 @@ class Unit:
 
     layer: str
     channel: int
+
+    @property
+    def units(self) -> tuple[Unit, ...]:
+        return (self,)
+
+
+@dataclass(frozen=True)
+class Block:
+    """Channels `channels` (current numbering) of conv layer `layer`, whose absence is scored
+    jointly: one candidate of global CAR's block mode."""
+
+    layer: str
+    channels: tuple[int, ...]
+
+    @property
+    def units(self) -> tuple[Unit, ...]:
+        return tuple(Unit(self.layer, c) for c in self.channels)
 
 
 def is_depthwise(m: nn.Module) -> bool:
@@ -63,19 +81,32 @@ def replay_history(model: nn.Module, input_shape: Sequence[int], history: list) 
 
 
 class Surgery:
-    """Owns a model's dependency graph; ablates and removes units, and keeps their numbering.
+    """Owns a copy of a model and its dependency graph; ablates and removes units, and keeps
+    their numbering. The caller's model is never changed (`adopt` takes one over instead).
 
     `alive[layer]` maps the layer's current channel positions to its original indices, so every
     record can speak the numbering of the network the user started from.
     """
 
     def __init__(self, model: nn.Module, example_inputs: torch.Tensor,
-                 prior_history: list | None = None, dg: tp.DependencyGraph | None = None):
+                 prior_history: list | None = None):
+        self._own(copy.deepcopy(model), example_inputs, None, prior_history)
+
+    @classmethod
+    def adopt(cls, dg: tp.DependencyGraph, example_inputs: torch.Tensor) -> Surgery:
+        """A surgery of the very model `dg` (Torch-Pruning's own graph) was built on, not of a
+        copy: what it removes, that model loses."""
+        surgery = cls.__new__(cls)
+        surgery._own(dg.model, example_inputs, dg, None)
+        return surgery
+
+    def _own(self, model: nn.Module, example_inputs: torch.Tensor,
+             dg: tp.DependencyGraph | None, prior_history: list | None) -> None:
         self.model = model.eval().to(memory_format=torch.channels_last)  # ~2x faster on CPU
         self.example_inputs = example_inputs
-        self.dg = dg or dependency_graph(model, example_inputs)
+        self.dg = dg or dependency_graph(self.model, example_inputs)
         self.prior_history = list(prior_history or [])
-        self.modules = dict(model.named_modules())
+        self.modules = dict(self.model.named_modules())
         self.names = {m: n for n, m in self.modules.items()}
         self.alive: dict[str, list[int]] = {
             name: list(range(m.out_channels)) for name, m in self.modules.items()

@@ -197,13 +197,17 @@ def from_factory(name: str, weights: str | os.PathLike | None,
     model = create_model(name)
     if weights is not None:
         state = read_weights(weights, trust_pickle)
-        check_state_fits(model, state, weights)
+        check_state_fits(model, state, weights, against=f"the network {name} builds",
+                         fix=f"give the state_dict() of a network {name} builds, or the "
+                         "factory of the network these weights came from")
         model.load_state_dict(state, strict=True)
     else:
         warnings.warn(f"{name} has random weights (no --weights): fine for timing and trying "
                       "the tool, meaningless for accuracy", stacklevel=2)
     model.carprune_spec = {"arch": {"name": name, "kwargs": {}}}
-    return model.eval()
+    # the layout `load` gives a checkpoint, so the same weights compute the same outputs
+    # whichever door they came through
+    return model.eval().to(memory_format=torch.channels_last)
 
 
 def attach_data(model: nn.Module, data) -> None:
@@ -225,21 +229,26 @@ def safe_open_metadata(blob: bytes) -> dict:
     return json.loads(blob[8:8 + length]).get("__metadata__") or {}
 
 
-def check_state_fits(model: nn.Module, state: dict[str, torch.Tensor], source) -> None:
+def check_state_fits(model: nn.Module, state: dict[str, torch.Tensor], source,
+                     against: str = "the model in model.json",
+                     fix: str = "pair the weights with the model.json they were saved with"
+                     ) -> None:
+    """Refuse weights that `load_state_dict` would reject or that would compute NaN, naming
+    what they were checked `against` (a checkpoint's model.json, or a factory's network) and
+    the `fix` that fits that case."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise CarpruneError(f"{source} does not fit the model in model.json (missing "
-                            f"{missing[:3]}, unexpected {unexpected[:3]}); pair the weights with "
-                            "the model.json they were saved with")
-    for key, tensor in state.items():
+        raise CarpruneError(f"{source} does not fit {against} (missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]}); {fix}")
+    for key in expected:  # in the network's order: the first layer that differs is named
+        tensor = state[key]
         if tensor.shape != expected[key].shape:
-            raise CarpruneError(f"{source}: {key} has shape {tuple(tensor.shape)} but the model "
-                                f"needs {tuple(expected[key].shape)}; pair the weights with the "
-                                "model.json they were saved with")
+            raise CarpruneError(f"{source}: {key} has shape {tuple(tensor.shape)} but "
+                                f"{against} needs {tuple(expected[key].shape)}; {fix}")
         if tensor.dtype != expected[key].dtype:
-            raise CarpruneError(f"{source}: {key} has dtype {tensor.dtype} but the model "
+            raise CarpruneError(f"{source}: {key} has dtype {tensor.dtype} but {against} "
                                 f"needs {expected[key].dtype}; save the weights in the model's "
                                 "own dtype")
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):

@@ -87,7 +87,7 @@ def latency_costs(surgery: Surgery, layers: Sequence[str], repeats: int = 50) ->
         half = surgery.size(name) // 2
         saved = 0.0
         if half:
-            trial = Surgery(copy.deepcopy(surgery.model), surgery.example_inputs)
+            trial = Surgery(surgery.model, surgery.example_inputs)
             trial.remove(name, list(range(half)))
             saved = max(now - latency_ms(trial.model, shape, repeats=repeats), 0.0) / half
         costs[name] = saved or 1e-6

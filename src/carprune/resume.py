@@ -21,9 +21,9 @@ from safetensors.torch import save as tensors_to_bytes
 from torch import nn
 
 from . import dist
+from .car.records import GlobalProgress, GlobalStep, LayerRecord, Step
 from .errors import CarpruneError
 from .io import atomic_write, read_json, write_json
-from .prune import GlobalProgress, GlobalStep, LayerRecord, Step
 from .train import TrainState
 
 STATE_DIR = ".carprune-state"

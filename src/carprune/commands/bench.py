@@ -8,12 +8,12 @@ from pathlib import Path
 import torch
 
 from .. import bench, io
+from ..car import check_layers
 from ..config import BenchConfig
 from ..data import check_fits, first_images, load_data
 from ..devices import resolve_device
 from ..errors import CarpruneError
 from ..groups import Surgery
-from ..prune import check_layers
 from .common import held_in_memory, table
 
 

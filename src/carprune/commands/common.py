@@ -1,4 +1,4 @@
-"""What several commands share: tables, output directories, model labels."""
+"""What several commands share: the model door, tables, output directories, model labels."""
 
 from __future__ import annotations
 
@@ -12,10 +12,40 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
-from .. import dist
+from .. import dist, io
+from ..data import load_data
 from ..devices import device_of
 from ..errors import CarpruneError
 from ..scoring import ScoringSet
+
+
+def open_model(config, model: torch.nn.Module | None = None) -> tuple[torch.nn.Module, str]:
+    """The network a command reads, and how to name it: a model given in Python, a checkpoint,
+    or `--model` (with `--weights`), so that evaluate measures the very network prune gets."""
+    if model is not None:
+        return model, "a model given in Python"
+    if config.model and config.checkpoint:
+        raise CarpruneError(f"give a checkpoint ({config.checkpoint}) or --model "
+                            f"({config.model}), not both")
+    if config.weights and not config.model:
+        raise CarpruneError("--weights goes with --model; a checkpoint directory carries its "
+                            "own weights, drop --weights or give --model instead")
+    if config.model:
+        return io.from_factory(config.model, config.weights, config.trust_pickle), config.model
+    if config.checkpoint is None:
+        raise CarpruneError("give a checkpoint directory, or --model package.module:factory "
+                            "(with --weights FILE)")
+    return io.load(config.checkpoint), str(config.checkpoint)
+
+
+def open_data(config, model: torch.nn.Module, data=None):
+    """`--data` read at the model's input size (or `data` given in Python); a factory model
+    records it, so that its checkpoint reloads with the same preprocessing."""
+    if data is None:
+        data = load_data(config.data, config.data_dir, model, config.image_size, config.workers)
+    if "input_shape" not in model.carprune_spec:
+        io.attach_data(model, data)
+    return data
 
 
 def table(rows: list[list], header: list[str]) -> str:

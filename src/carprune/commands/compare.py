@@ -8,12 +8,12 @@ from pathlib import Path
 from torch.utils.data import TensorDataset
 
 from .. import compare, io
+from ..car import check_layers
 from ..config import CompareConfig
 from ..data import check_fits, first_images, load_data
 from ..devices import resolve_device
 from ..errors import CarpruneError
 from ..groups import Surgery
-from ..prune import check_layers
 from .common import command_line, refuse_existing_output, table
 
 

@@ -18,6 +18,7 @@ from ..config import CompareConfig, DemoConfig, PruneConfig
 from ..data import fashion_mnist
 from ..devices import resolve_device
 from ..errors import CarpruneError
+from ..interpret.report import img_tag
 from . import compare, prune
 from .common import table
 from .explain import explain_run
@@ -100,13 +101,6 @@ def run(config: DemoConfig) -> dict:
     return summary
 
 
-def _img(path: Path, alt: str) -> str:
-    import base64
-
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
-
-
 def _report(summary: dict, out: Path) -> str:
     """One self-contained page (images inlined) over the three parts' outputs."""
     p, c = summary["prune"], summary["compare"]
@@ -131,10 +125,11 @@ def _report(summary: dict, out: Path) -> str:
         + f"<td><b>{100 * mg['margin']:+.2f}</b> vs {mg['best_other']}</td></tr>"
         for layer, mg in c["keep_0.5"].items())
     crit_head = "".join(f"<th>{k}</th>" for k in next(iter(c["keep_0.5"].values()))["accuracy"])
-    plots = "".join(_img(out / "compare" / f"compare_{layer}.png", f"comparison {layer}")
+    plots = "".join(img_tag((out / "compare" / f"compare_{layer}.png").read_bytes(),
+                            f"comparison {layer}")
                     for layer in c["keep_0.5"])
     explain = out / "explain"
-    pictures = "".join(_img(path, path.stem) for path in
+    pictures = "".join(img_tag(path.read_bytes(), path.stem) for path in
                        [explain / "filters_conv1.png", explain / "heatmap_conv1.png",
                         explain / "heatmap_conv2.png"] if path.is_file())
     stages = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.0f} s</td></tr>"

@@ -1,5 +1,5 @@
-"""`carprune evaluate`: overall and per-class accuracy of a checkpoint; on images without labels,
-which classes it predicts."""
+"""`carprune evaluate`: overall and per-class accuracy of a checkpoint, or of a factory's network
+with its weights (prune's own door); on images without labels, which classes it predicts."""
 
 from __future__ import annotations
 
@@ -7,19 +7,21 @@ from collections import Counter
 
 from .. import io
 from ..config import EvaluateConfig
-from ..data import check_fits, load_data
+from ..data import check_fits
 from ..devices import resolve_device
 from ..train import evaluate
-from .common import model_labels, table
+from .common import model_labels, open_data, open_model, table
 
 
 def run(config: EvaluateConfig) -> dict:
-    """Images of an image folder are read with the preprocessing the model was pruned with."""
-    model = io.load(config.checkpoint).to(resolve_device(config.device))
-    data = load_data(config.data, config.data_dir, model, config.image_size, config.workers)
+    """Images of an image folder are read with the preprocessing the model was pruned with (a
+    factory's network, with no such record: at --image-size)."""
+    model, source = open_model(config)
+    data = open_data(config, model)
+    model.to(resolve_device(config.device))
     check_fits(model, data)
     split = getattr(data, config.split)
-    summary = {"checkpoint": str(config.checkpoint), "split": config.split,
+    summary = {"checkpoint": source, "split": config.split,
                "preprocess": data.preprocess, "device": config.device}
     if data.meta.get("unlabelled"):
         summary.update(_predictions(model, split, data, config.split))

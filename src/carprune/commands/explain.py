@@ -3,7 +3,6 @@ self-contained report.html) and files a program reads (CSV, JSON); interpret/ co
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +11,7 @@ import torch
 from torch import nn
 
 from .. import io
+from ..car import check_layers
 from ..config import ExplainConfig
 from ..data import Data, check_fits, first_images, load_data
 from ..devices import resolve_device
@@ -20,8 +20,7 @@ from ..groups import Surgery
 from ..interpret.class_importance import ClassImportance
 from ..interpret.pictures import filter_grid
 from ..interpret.report import explain_layer, first_conv, page, points, removal_orders
-from ..prune import check_layers
-from ..scoring import ScoringSet, make_engine
+from ..scoring import EngineOptions, ScoringSet, make_engine
 from .common import refuse_existing_output, table
 
 
@@ -45,12 +44,12 @@ def _validated(checkpoint_or_model, data: Data, layers: Sequence[str], out, prun
     if not isinstance(data, Data):
         raise CarpruneError("explain_run needs a carprune Data (e.g. carprune.data."
                             "fashion_mnist()); use class_importance for a bare data set")
-    make_engine(engine)
+    make_engine(EngineOptions(engine=engine))
     if top_k < 1:
         raise CarpruneError(f"top_k must be at least 1 patch per filter, got {top_k}")
     model, source = _model(checkpoint_or_model)
     check_fits(model, data)
-    check_layers(Surgery(copy.deepcopy(model), data.example(1)), layers)
+    check_layers(Surgery(model, data.example(1)), layers)
     dataset = first_images(data.val, score_samples, "--score-samples")
     orders = removal_orders(prune_run, model, layers)
     refuse_existing_output(str(out))

@@ -3,7 +3,6 @@ fine-tune, write the run directory; resumable after a kill (see resume.py)."""
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -12,13 +11,14 @@ import torch
 from torch import nn
 
 from .. import dist, io
+from ..car import Resume, car_prune, check_layers, global_car_prune, resolve_keep
 from ..config import PruneConfig
+from ..criteria import criterion_prune
 from ..data import check_fits, first_images, load_data
 from ..devices import device_of, resolve_device
 from ..errors import CarpruneError
 from ..groups import Surgery
 from ..measure import speed_report
-from ..prune import car_prune, check_layers, criterion_prune, global_car_prune, resolve_keep
 from ..resume import RunState
 from ..train import evaluate, fit
 from .common import command_line, held_in_memory, model_labels, relabelled, table
@@ -44,7 +44,7 @@ def run(config: PruneConfig, data=None, model: nn.Module | None = None) -> dict:
     before = _measure(model, data)
     # agreement = accuracy on the original's predictions; relabelled data already holds them
     by_original = data.val if _by_model(data) else model_labels(model, data.val, data)
-    result, global_steps = _prune(config, model, scoring, data.num_classes, state)
+    result, global_steps = _prune(config, model, scoring, state)
     pruned = result.model
     after = _measure(pruned, data, by_original)
     start = time.perf_counter()
@@ -76,7 +76,7 @@ def _model(config: PruneConfig, model: nn.Module | None) -> tuple[nn.Module, str
 
 def _check_layers(config: PruneConfig, model: nn.Module, data) -> None:
     """The layers exist and are prunable, and a per-layer --keep leaves each of them some."""
-    surgery = Surgery(copy.deepcopy(model), data.example(1).to(device_of(model)))
+    surgery = Surgery(model, data.example(1).to(device_of(model)))
     if config.layers:
         check_layers(surgery, config.layers)
     if config.budget[1] is None:
@@ -128,27 +128,20 @@ def _measure(model: nn.Module, data, by_original=None, speed: bool = False,
     return figures
 
 
-def _prune(config: PruneConfig, model: nn.Module, scoring, num_classes: int,
-           state: RunState):
+def _prune(config: PruneConfig, model: nn.Module, scoring, state: RunState):
     """The pruning itself: global CAR under a budget, per-layer CAR, or another criterion."""
-    budget, target = config.budget
-    memory = int(config.memory_budget * 2**30)
+    target = config.budget[1]
     if target is not None:
-        return global_car_prune(
-            model, scoring, target, layers=config.layers, budget=budget, cost=config.cost,
-            min_keep=config.min_keep, step=config.step, screen=config.screen,
-            shortlist=config.shortlist, race=config.race, round_to=config.round_to,
-            compensate=config.compensate,
-            ignore=config.ignore or (), engine=config.engine, memory_budget=memory,
-            num_classes=num_classes, done=state.global_progress(), on_round=state.save_global)
+        resume = Resume(state.global_progress(),
+                        on_step=lambda progress, pruned: state.save_global(progress))
+        return global_car_prune(model, scoring, target, config.layers, config.budget_settings(),
+                                config.approximation(), config.engine_options(), resume=resume)
     if config.criterion == "car":
-        return car_prune(model, scoring, config.layers, keep=config.keep, step=config.step,
-                         screen=config.screen, compensate=config.compensate,
-                         engine=config.engine, memory_budget=memory, num_classes=num_classes,
-                         done=state.layers(), val_before=state.saved.get("val_before"),
-                         on_step=state.save_layers), None
+        resume = Resume(state.layers(), state.saved.get("val_before"), state.save_layers)
+        return car_prune(model, scoring, config.layers, config.keep, config.approximation(),
+                         config.engine_options(), resume=resume), None
     return criterion_prune(model, scoring, config.layers, config.criterion, keep=config.keep,
-                           seed=config.seed, num_classes=num_classes), None
+                           seed=config.seed), None
 
 
 def _summary(config: PruneConfig, source: str, result, global_steps, before: dict,

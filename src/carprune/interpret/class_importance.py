@@ -23,7 +23,8 @@ from ..data import Data
 from ..devices import device_of
 from ..errors import CarpruneError
 from ..groups import Surgery, Unit
-from ..scoring import ScoringSet, make_engine, rank
+from ..scoring import EngineOptions, ScoringSet, make_engine
+from ..scoring.rule import rank
 
 
 @dataclass
@@ -118,22 +119,20 @@ def class_importance(model: nn.Module, data, layer: str, engine: str = "fast",
     dataset = data.val if isinstance(data, Data) else data
     device = device or device_of(model)
     probe = ScoringSet.from_any(dataset, num_classes).to(device)
-    surgery = Surgery(copy.deepcopy(model).to(device), probe.example())
+    on_device = model if device_of(model) == device else copy.deepcopy(model).to(device)
+    surgery = Surgery(on_device, probe.example())
     surgery.check_layer(layer)
-    with torch.inference_mode():
-        outputs = int(surgery.model(probe.example()).shape[-1])
-    if num_classes is not None and num_classes != outputs:
-        raise CarpruneError(f"num_classes is {num_classes} but the model predicts {outputs} "
-                            "classes; leave num_classes out or match the model")
-    scoring = ScoringSet(probe.batches, outputs)
-    if int(scoring.labels().max()) >= outputs:
-        raise CarpruneError(f"a scoring label is {int(scoring.labels().max())} but the model "
-                            f"predicts {outputs} classes; use data that matches the model")
-    names = class_names(model, outputs, data, classes)
+    scoring = probe.classified_by(surgery.model)
+    if num_classes is not None and num_classes != scoring.num_classes:
+        raise CarpruneError(f"num_classes is {num_classes} but the model predicts "
+                            f"{scoring.num_classes} classes; leave num_classes out or match "
+                            "the model")
+    names = class_names(model, scoring.num_classes, data, classes)
     units = [Unit(layer, c) for c in range(surgery.size(layer))]
     with tqdm(total=len(units), desc=f"class CAR {layer}", unit="filter",
               disable=not progress) as bar:
-        base, scores = make_engine(engine).score(surgery, units, scoring, bar.update)
+        base, scores = make_engine(EngineOptions(engine)).score(surgery, units, scoring,
+                                                                 bar.update)
     totals = scoring.class_totals()
     lost = base.class_correct - scores.class_correct  # (F, C) images lost without each filter
     with np.errstate(invalid="ignore", divide="ignore"):  # 0/0: a class with no images
@@ -144,4 +143,4 @@ def class_importance(model: nn.Module, data, layer: str, engine: str = "fast",
         car=((base.correct - scores.correct).double() / scoring.total).numpy(),
         base_accuracy=float(base.accuracy()[0]), class_accuracy=base_class,
         class_totals=totals.numpy(),
-        removal_order=rank(scores, list(range(len(units)))), engine=engine)
+        removal_order=rank(base, scores, list(range(len(units)))), engine=engine)

@@ -11,6 +11,8 @@ from ..errors import CarpruneError
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
+DEBUG_HINT = "carprune --debug COMMAND ... prints its traceback"
+
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     _MODELS[fn.__name__] = fn
@@ -31,7 +33,7 @@ def create_model(name: str, **kwargs) -> nn.Module:
     if name.startswith("timm:"):
         return _timm(name.partition(":")[2], kwargs)
     if ":" in name:
-        return _factory(name)(**kwargs)
+        return _call_factory(name, kwargs)
     if name not in _MODELS:
         raise CarpruneError(f"unknown model {name!r}; choose one of {', '.join(list_models())}, "
                             "timm:NAME, or a factory as package.module:function")
@@ -41,13 +43,37 @@ def create_model(name: str, **kwargs) -> nn.Module:
         raise CarpruneError(f"model {name!r} does not take these arguments ({exc})") from None
 
 
+def _call_factory(name: str, kwargs: dict) -> nn.Module:
+    """The user's code runs here: what it raises or returns is told in one sentence, and the
+    original exception stays chained (`from exc`) for `carprune --debug` to print."""
+    factory = _factory(name)
+    try:
+        model = factory(**kwargs)
+    except CarpruneError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure of the user's code is reported
+        raise CarpruneError(f"the factory {name} failed ({_described(exc)}); fix it so that "
+                            f"{name}() returns the network ({DEBUG_HINT})") from exc
+    if not isinstance(model, nn.Module):
+        shown = repr(model)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        raise CarpruneError(f"the factory {name} returned {type(model).__name__} {shown}, not "
+                            "a network; a model factory must return a torch.nn.Module")
+    return model
+
+
 def _factory(name: str) -> Callable[..., nn.Module]:
     module_name, _, attr = name.partition(":")
     try:
-        return getattr(importlib.import_module(module_name), attr)
+        module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         raise CarpruneError(f"cannot import {module_name!r} for model {name!r}: {exc}; install "
                             "the package that defines it") from None
+    except Exception as exc:  # noqa: BLE001 - the user's module failed while importing
+        raise CarpruneError(f"importing {module_name!r} for model {name!r} failed "
+                            f"({_described(exc)}); fix the module ({DEBUG_HINT})") from exc
+    try:
+        return getattr(module, attr)
     except AttributeError:
         raise CarpruneError(f"{module_name!r} has no factory {attr!r}; check the name after the "
                             "colon") from None
@@ -58,4 +84,15 @@ def _timm(arch: str, kwargs: dict) -> nn.Module:
 
     if not timm.is_model(arch):
         raise CarpruneError(f"timm has no model {arch!r}; see timm.list_models() for the names")
-    return timm.create_model(arch, pretrained=False, **kwargs)
+    try:
+        return timm.create_model(arch, pretrained=False, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - timm raises many kinds for a bad build
+        raise CarpruneError(f"timm could not build {arch!r} ({_described(exc)}); check its "
+                            f"arguments or choose another timm:NAME ({DEBUG_HINT})") from exc
+
+
+def _described(exc: BaseException) -> str:
+    """`ExcType: message` on one line, so that the error stays one sentence."""
+    text = " ".join(str(exc).split())
+    text = text if len(text) <= 200 else text[:197] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,24 +1,28 @@
 """The evaluation engine: how accuracy changes when units are gone.
 
 `NaiveEngine` is the reference; `FastEngine` gives the same tallies with far less work. Both
-return (base, candidates) `Scores`: correct counts, per-class correct counts and summed loss.
+answer the `Engine` call: (base, candidates) `Scores`, correct counts, per-class correct counts
+and summed loss. rule.py ranks candidates by them.
 """
 
+from collections.abc import Callable
+
 from ..errors import CarpruneError
-from ._common import Scores as Scores
-from ._common import ScoringSet as ScoringSet
-from ._common import rank as rank
-from .fast import DEFAULT_MEMORY_BUDGET as DEFAULT_MEMORY_BUDGET
+from .engine import DEFAULT_MEMORY_BUDGET as DEFAULT_MEMORY_BUDGET
+from .engine import Engine as Engine
+from .engine import EngineOptions as EngineOptions
 from .fast import FastEngine as FastEngine
 from .naive import NaiveEngine as NaiveEngine
+from .sets import Scores as Scores
+from .sets import ScoringSet as ScoringSet
 
-ENGINES = {"fast": FastEngine, "naive": NaiveEngine}
+ENGINES: dict[str, Callable[[EngineOptions], Engine]] = {"fast": FastEngine,
+                                                         "naive": NaiveEngine}
 
 
-def make_engine(name: str = "fast", memory_budget: int = DEFAULT_MEMORY_BUDGET,
-                compensate: bool = False):
-    if name == "fast":
-        return FastEngine(memory_budget, compensate)
-    if name == "naive":
-        return NaiveEngine(compensate)
-    raise CarpruneError(f"unknown engine {name!r}; use fast or naive")
+def make_engine(options: EngineOptions = EngineOptions()) -> Engine:
+    """The engine `options` name, built from them."""
+    if options.engine not in ENGINES:
+        raise CarpruneError(f"unknown engine {options.engine!r}; use "
+                            f"{' or '.join(ENGINES)}")
+    return ENGINES[options.engine](options)

@@ -18,9 +18,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..groups import Surgery, Unit
-from ._common import ScoringSet
 from .graph import trace
 from .masked import mask_points
+from .sets import ScoringSet
 
 
 def _points(surgery: Surgery, layers: Sequence[str],

@@ -1,4 +1,4 @@
-"""The masked tail: exact CAR for a unit of any kind (DESIGN.md, "The fast engine").
+"""The masked tail: exact CAR for a unit of any kind (docs/engine.md, "The fast engine").
 
 Ablating a unit zeroes the parameters of every module that makes its channel (conv and linear
 rows, the depthwise convs and norms of its group), so each such module's output is exactly zero
@@ -21,9 +21,10 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..groups import Surgery, Unit, is_depthwise
-from ._common import Scores, ScoringSet
+from ..groups import Surgery, is_depthwise
+from .engine import Candidate
 from .graph import boundary, descendants, head_module, module_node, tail_graph
+from .sets import Scores, ScoringSet
 
 
 def _zeroed(x: torch.Tensor, mask: tuple[int, torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -91,17 +92,19 @@ def plan_masked(traced: fx.GraphModule, surgery: Surgery, layer: str) -> MaskPla
     return MaskPlan(head_module(traced, changed, sides), tail_module, order)
 
 
-def _masks(surgery: Surgery, layer: str, points: list[str], units: Sequence[Unit],
+def _masks(surgery: Surgery, layer: str, points: list[str], candidates: Sequence[Candidate],
            device: torch.device) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-    """Per point: (candidates, candidate rows, channels) to zero, for `units` in order."""
+    """Per point: (candidates, candidate rows, channels) to zero, for `candidates` in order (a
+    block zeroes the channels of all its units)."""
     out = []
     for name in points:
         rows, cols = [], []
-        for k, unit in enumerate(units):
-            idxs = surgery.producing(layer, unit.channel)[name]
-            rows += [k] * len(idxs)
-            cols += idxs
-        out.append((max(1, len(units)), torch.tensor(rows, device=device, dtype=torch.long),
+        for k, candidate in enumerate(candidates):
+            for unit in candidate.units:
+                idxs = surgery.producing(layer, unit.channel)[name]
+                rows += [k] * len(idxs)
+                cols += idxs
+        out.append((max(1, len(candidates)), torch.tensor(rows, device=device, dtype=torch.long),
                     torch.tensor(cols, device=device, dtype=torch.long)))
     return out
 
@@ -114,22 +117,22 @@ def _stacked(t: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def score_masked(plan: MaskPlan, surgery: Surgery, layer: str, units: Sequence[Unit],
+def score_masked(plan: MaskPlan, surgery: Surgery, layer: str, candidates: Sequence[Candidate],
                  scoring: ScoringSet, chunk_bytes: int, advance: Callable[[int], None],
                  with_base: bool = True) -> tuple[Scores | None, Scores]:
     """(base, candidates) tallies through the masked tail, `chunk_bytes` of tail inputs a pass;
     base only `with_base`."""
     device = scoring.batches[0][0].device
     base = Scores.zeros(1, scoring.num_classes)
-    scores = Scores.zeros(len(units), scoring.num_classes)
+    scores = Scores.zeros(len(candidates), scoring.num_classes)
     base.total = scores.total = scoring.total
     inputs = [plan.head(x) for x, _ in scoring.batches]
     per_image = sum(4 * t[0].numel() for t in inputs[0])
     batch = max(len(y) for _, y in scoring.batches)
-    chunk = max(1, min(len(units), chunk_bytes // (per_image * batch)))
-    parts = [(slice(start, min(start + chunk, len(units))),
-              _masks(surgery, layer, plan.points, units[start:start + chunk], device))
-             for start in range(0, len(units), chunk)]
+    chunk = max(1, min(len(candidates), chunk_bytes // (per_image * batch)))
+    parts = [(slice(start, min(start + chunk, len(candidates))),
+              _masks(surgery, layer, plan.points, candidates[start:start + chunk], device))
+             for start in range(0, len(candidates), chunk)]
     unmasked = _masks(surgery, layer, plan.points, [], device)
     done = 0.0
     for sides, (_, y) in zip(inputs, scoring.batches, strict=True):
@@ -140,8 +143,8 @@ def score_masked(plan: MaskPlan, surgery: Surgery, layer: str, units: Sequence[U
             k = rows.stop - rows.start
             logits = plan.tail(*[_stacked(t, k) for t in sides], *masks)
             scores.add_logits(rows, logits.view(k, len(y), -1), y)
-        step = len(units) * len(y) / scoring.total
+        step = len(candidates) * len(y) / scoring.total
         advance(int(done + step) - int(done))
         done += step
-    advance(len(units) - int(done))
+    advance(len(candidates) - int(done))
     return base if with_base else None, scores

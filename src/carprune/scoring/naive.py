@@ -10,9 +10,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .. import compensation
-from ..groups import Surgery, Unit
-from ._common import Scores, ScoringSet
+from ..groups import Surgery
+from . import compensation
+from .engine import Candidate, EngineOptions
+from .sets import Scores, ScoringSet
 
 
 @torch.inference_mode()
@@ -27,22 +28,30 @@ def full_pass(model: torch.nn.Module, scoring: ScoringSet) -> Scores:
 class NaiveEngine:
     name = "naive"
 
-    def __init__(self, compensate: bool = False):
-        self.compensate = compensate  # score each candidate with its consumers refit
+    def __init__(self, options: EngineOptions = EngineOptions()):
+        self.compensate = options.compensate  # score each candidate with its consumers refit
+        self.ridge = options.ridge
+        self.reduce: Callable[[torch.Tensor], None] = compensation.alone
 
     def cache_bytes(self, surgery: Surgery, layer: str, scoring: ScoringSet) -> int:
         return 0  # keeps nothing between calls
 
-    def score(self, surgery: Surgery, units: Sequence[Unit], scoring: ScoringSet,
-              advance: Callable[[int], None] = lambda n: None) -> tuple[Scores, Scores]:
-        """(base, candidates): tallies of the current network and of it without each unit."""
+    def score(self, surgery: Surgery, candidates: Sequence[Candidate], scoring: ScoringSet,
+              advance: Callable[[int], None] = lambda n: None,
+              fit: ScoringSet | None = None) -> tuple[Scores, Scores]:
+        """(base, candidates): tallies of the current network and of it without each
+        candidate, its consumers refit on `fit` (default: `scoring`) when compensating."""
         base = full_pass(surgery.model, scoring)
-        p = compensation.inverses(surgery, list(compensation.consumers_of(surgery, units)),
-                                  scoring.batches) if self.compensate else None
+        p = None
+        if self.compensate:
+            consumers = compensation.consumers_of(surgery, [u for c in candidates for u in c.units])
+            p = compensation.inverses(surgery, list(consumers), (fit or scoring).batches,
+                                      self.ridge, self.reduce)
         parts = []
-        for unit in units:
-            with surgery.ablated([unit]), (compensation.refitted(surgery, [unit], p)
-                                           if p is not None else contextlib.nullcontext()):
+        for candidate in candidates:
+            with surgery.ablated(candidate.units), (
+                    compensation.refitted(surgery, candidate.units, p) if p is not None
+                    else contextlib.nullcontext()):
                 parts.append(full_pass(surgery.model, scoring))
             advance(1)
         return base, Scores.cat(parts) if parts else Scores.zeros(0, scoring.num_classes)

@@ -1,4 +1,4 @@
-"""The report of `make real` (carprune.real): per network, the per-layer agreement curves of
+"""The report of `make real` (experiments/real): per network, the per-layer agreement curves of
 every criterion, the post-training global table, the first layer's filters with CAR's removals,
 its colour and diversity figures, and the filters whose absence costs the most and the least
 agreement, with the classes that need them and the patches that excite them most."""
@@ -11,10 +11,10 @@ import html
 import numpy as np
 from matplotlib.figure import Figure
 
-from .class_importance import class_importance
-from .colour import colour_figure, diversity_figure
-from .pictures import filter_grid, image_png, patch_strip, png, top_patches
-from .report import CSS, img_tag
+from carprune.interpret import class_importance
+from carprune.interpret.colour import colour_figure, diversity_figure
+from carprune.interpret.pictures import filter_grid, image_png, patch_strip, png, top_patches
+from carprune.interpret.report import CSS, img_tag
 
 IMPORTANCE_ROWS = 3
 

@@ -1,4 +1,4 @@
-"""What every engine shares: the scoring set, the per-candidate tallies, and the ranking."""
+"""What every engine shares: the scoring set and the per-candidate tallies."""
 
 from __future__ import annotations
 
@@ -82,6 +82,31 @@ class ScoringSet:
             left -= len(y)
         return ScoringSet(out, self.num_classes)
 
+    def after(self, n: int) -> ScoringSet:
+        """The images after the first n."""
+        out, skip = [], n
+        for x, y in self.batches:
+            if skip < len(y):
+                out.append((x[skip:], y[skip:]))
+            skip = max(0, skip - len(y))
+        return ScoringSet(out, self.num_classes)
+
+    def halves(self) -> tuple[ScoringSet, ScoringSet]:
+        """The first half of the images (at least one) and the rest: an odd image goes to the
+        rest, and a single image is both."""
+        half = self.total // 2
+        return self.subset(max(1, half)), self.after(half)
+
+    @torch.inference_mode()
+    def classified_by(self, model: torch.nn.Module) -> ScoringSet:
+        """The same images with as many classes as `model` outputs (one forward pass of the
+        example image); a label the model cannot predict is refused."""
+        outputs = int(model(self.example()).shape[-1])
+        if int(self.labels().max()) >= outputs:
+            raise CarpruneError(f"a scoring label is {int(self.labels().max())} but the model "
+                                f"has {outputs} classes; use data that matches the model")
+        return ScoringSet(self.batches, outputs)
+
 
 @dataclass
 class Scores:
@@ -112,25 +137,8 @@ class Scores:
     def accuracy(self) -> torch.Tensor:
         return self.correct.double() / self.total
 
-    def select(self, rows) -> Scores:
-        return Scores(self.correct[rows], self.class_correct[rows], self.loss[rows], self.total)
-
     @staticmethod
     def cat(parts: list[Scores]) -> Scores:
         return Scores(torch.cat([p.correct for p in parts]),
                       torch.cat([p.class_correct for p in parts]),
                       torch.cat([p.loss for p in parts]), parts[0].total)
-
-
-LOSS_TIE_RTOL = 1e-6
-
-
-def rank(scores: Scores, tiebreak: list[int]) -> list[int]:
-    """Candidate positions, best to remove first: most correct, then lowest loss, then lowest
-    `tiebreak` key (the original filter index). Losses within a relative 1e-6 count as equal, so
-    engines that sum in a different order still agree."""
-    scale = float(scores.loss.abs().max()) or 1.0
-    quantum = scale * LOSS_TIE_RTOL
-    keys = [(-int(c), round(float(loss) / quantum), t)
-            for c, loss, t in zip(scores.correct, scores.loss, tiebreak, strict=True)]
-    return sorted(range(len(keys)), key=keys.__getitem__)

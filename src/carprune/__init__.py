@@ -15,6 +15,7 @@ from .car import Resume as Resume
 from .car import Step as Step
 from .car import car_prune as car_prune
 from .car import global_car_prune as global_car_prune
+from .classes import specialise as specialise
 from .commands.prune import run as prune_run
 from .config import PruneConfig as PruneConfig
 from .criteria import CARImportance as CARImportance
@@ -37,6 +38,7 @@ __version__ = "0.1.0"
 __all__ = [
     # pruning
     "car_prune", "global_car_prune", "criterion_prune", "prune_run", "CARImportance",
+    "specialise",
     # their settings and records
     "Approximation", "Budget", "EngineOptions", "Resume", "PruneConfig",
     "PruneResult", "LayerRecord", "Step", "GlobalStep", "GlobalProgress",

@@ -183,8 +183,9 @@ class PruneConfig(ModelOptions):
     out: str = option(None, "run directory; re-running the same command there resumes the run",
                       required=True)
     checkpoint: str | None = option(None, CHECKPOINT_HELP, positional=True, nargs="?")
-    layers: list[str] | None = option(None, "conv layers, pruned in order (with a target: the "
-                                      "layers of the global run; default all)")
+    layers: list[str] | None = option(None, "conv or hidden linear layers, pruned in order "
+                                      "(with a target: the layers of the global run; default "
+                                      "every prunable conv)")
     keep: float = option(0.5, "per layer: a fraction in (0, 1) or a count of filters (default "
                          "0.5)", type=number)
     target_macs: float | None = option(None, "global CAR until this fraction of the original "
@@ -208,6 +209,10 @@ class PruneConfig(ModelOptions):
                                  positive)
     labels: str = option("data", "score against the labels, or against the unpruned model's "
                          "predictions (for unlabelled images)", choices=["data", "model"])
+    classes: list[str] | None = option(None, "specialise the network to these classes (names "
+                                       "or output indices, two or more): its classifier keeps "
+                                       "their outputs, every split their images, and CAR "
+                                       "measures the accuracy on them")
     criterion: str = option("car", "car (default) or another criterion to compare with",
                             choices=[c for c in CRITERIA if c != "car-oneshot"])
     step: int = option(1, "filters removed per re-scoring; 1 is exact greedy CAR (default)")
@@ -289,7 +294,8 @@ class PruneConfig(ModelOptions):
 class CompareConfig(DataOptions):
     checkpoint: str = option(None, CHECKPOINT_HELP, positional=True)
     out: str = option(None, "output directory", required=True)
-    layers: list[str] = option(None, "conv layers, each compared on its own", required=True)
+    layers: list[str] = option(None, "conv or hidden linear layers, each compared on its own",
+                               required=True)
     criteria: list[str] = option(list(CRITERIA), f"comma-separated (default: all: "
                                  f"{','.join(CRITERIA)})", type=csv(str), nargs=None)
     keep_grid: list[float] = option([1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1],

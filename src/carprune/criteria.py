@@ -12,6 +12,7 @@ any of them.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 
@@ -23,6 +24,7 @@ from torch import nn
 from .car.records import LayerRecord, PruneResult
 from .car.run import check_layers, open_surgery, record_history
 from .car.settings import resolve_keep
+from .classes import ClassSubset, narrowed, output_names, outputs_of, trimmed
 from .errors import CarpruneError
 from .groups import Surgery, Unit
 from .scoring import EngineOptions, ScoringSet, make_engine
@@ -32,9 +34,17 @@ CRITERIA = ["car", "car-oneshot", "l1", "l2", "taylor", "fpgm", "mean-activation
             "random"]
 
 
+def _per_unit(surgery: Surgery, layer: str, importance: tp.importance.Importance
+              ) -> torch.Tensor:
+    """A Torch-Pruning importance of the layer's whole group, per unit: the mean over the
+    unit's channels (one of each channel group), as Torch-Pruning's pruners average it."""
+    scores = importance(surgery.group(layer, range(surgery.width(layer))))
+    return scores.view(surgery.channel_groups(layer), -1).mean(0)
+
+
 def _tp_scores(importance: tp.importance.Importance) -> Callable:
     def scores(surgery: Surgery, layer: str, scoring: ScoringSet, seed: int) -> torch.Tensor:
-        return importance(surgery.group(layer, range(surgery.size(layer))))
+        return _per_unit(surgery, layer, importance)
     return scores
 
 
@@ -43,8 +53,8 @@ def _taylor(surgery: Surgery, layer: str, scoring: ScoringSet, seed: int) -> tor
     model.zero_grad(set_to_none=True)
     for x, y in scoring.batches:
         F.cross_entropy(model(x), y, reduction="sum").div(scoring.total).backward()
-    scores = tp.importance.GroupTaylorImportance(group_reduction="first", normalizer=None)(
-        surgery.group(layer, range(surgery.size(layer))))
+    scores = _per_unit(surgery, layer, tp.importance.GroupTaylorImportance(
+        group_reduction="first", normalizer=None))
     model.zero_grad(set_to_none=True)
     return scores
 
@@ -52,20 +62,23 @@ def _taylor(surgery: Surgery, layer: str, scoring: ScoringSet, seed: int) -> tor
 def _random(surgery: Surgery, layer: str, scoring: ScoringSet, seed: int) -> torch.Tensor:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return tp.importance.RandomImportance()(surgery.group(layer, range(surgery.size(layer))))
+        return _per_unit(surgery, layer, tp.importance.RandomImportance())
 
 
 def _activation_stats(surgery: Surgery, layer: str, scoring: ScoringSet):
-    """Per channel: mean activation and share of zeros, as the channel's first consumer reads it
-    (after the layer's BatchNorm, ReLU and pooling)."""
+    """Per unit: mean activation and share of zeros, as the unit's first consumer reads its
+    channels (after the layer's BatchNorm, ReLU and pooling; a Linear reads them in the last
+    dimension)."""
     consumer, _ = surgery.consumers(layer, 0)[0]
+    last = isinstance(surgery.modules[consumer], nn.Linear)
     feeds = [surgery.consumers(layer, c)[0][1] for c in range(surgery.size(layer))]
     sums = zeros = count = None
 
     def hook(module, inputs):
         nonlocal sums, zeros, count
         x = inputs[0].detach()
-        per_index = x.transpose(0, 1).reshape(x.shape[1], -1)
+        per_index = x.reshape(-1, x.shape[-1]).T if last else x.transpose(0, 1).reshape(
+            x.shape[1], -1)
         s, z = per_index.double().sum(1), (per_index == 0).double().sum(1)
         sums, zeros = (s, z) if sums is None else (sums + s, zeros + z)
         count = per_index.shape[1] + (count or 0)
@@ -115,16 +128,17 @@ _SCORES = {
 
 def importance(criterion: str, surgery: Surgery, layer: str, scoring: ScoringSet,
                seed: int = 0) -> torch.Tensor:
-    """One score per current channel of `layer`; higher means more important."""
+    """One score per current unit of `layer`; higher means more important."""
     if criterion not in _SCORES:
         raise CarpruneError(f"unknown criterion {criterion!r}; choose from "
                             f"{', '.join(CRITERIA)}")
+    scoring = scoring.in_layout(surgery.layout)
     return _SCORES[criterion](surgery, layer, scoring, seed).detach().double().flatten()
 
 
 def ranking(criterion: str, surgery: Surgery, layer: str, scoring: ScoringSet,
             seed: int = 0) -> list[int]:
-    """Current channel positions, least important first (ties: lower original index)."""
+    """Current unit positions, least important first (ties: lower original index)."""
     scores = importance(criterion, surgery, layer, scoring, seed).tolist()
     alive = surgery.alive[layer]
     return sorted(range(len(scores)), key=lambda i: (scores[i], alive[i]))
@@ -136,25 +150,55 @@ class CARImportance(tp.importance.Importance):
     A channel's importance is the scoring images lost without it, ordered by the ranking rule
     (scoring/rule.py), so Torch-Pruning removes first what costs least. `data`: any iterable
     of (images, labels) batches, a DataLoader or a TensorDataset. Groups rooted at anything but
-    a conv get None (Torch-Pruning then leaves them alone).
+    a prunable conv or linear layer get None (Torch-Pruning then leaves them alone). A unit of
+    several channels (docs/engine.md, "Units") gives each of them its importance, which
+    Torch-Pruning's per-group mean returns.
+
+    classes: score the accuracy on these classes only (names or output indices, classes.py),
+    on their images, reading their logits only: the classifier is narrowed to them while a
+    group is scored and restored after, so the network keeps its head and every engine gives
+    what it gives on the trimmed network.
     """
 
-    def __init__(self, data, num_classes: int | None = None, engine: str = "fast"):
+    def __init__(self, data, num_classes: int | None = None, engine: str = "fast",
+                 classes: Sequence[str | int] | None = None):
         self.scoring = ScoringSet.from_any(data, num_classes)
         self.engine = engine
+        self.classes, self.names = classes, getattr(data, "classes", None)
+        self._task: tuple[str, ClassSubset, ScoringSet] | None = None
 
     @torch.no_grad()
     def __call__(self, group) -> torch.Tensor | None:
         root = group[0].dep.target.module
-        if not isinstance(root, torch.nn.Conv2d):
+        if not isinstance(root, (nn.Conv2d, nn.Linear)):
             return None
         surgery = Surgery.adopt(group._DG, self.scoring.example())
         name = surgery.names[root]
+        if surgery.why_not(name) is not None:
+            return None
+        size = surgery.size(name)
         channels = [int(i) for i in group[0].root_idxs]
-        units = [Unit(name, c) for c in channels]
-        base, scores = make_engine(EngineOptions(engine=self.engine)).score(
-            surgery, units, self.scoring)
-        return car_importance(base, scores, channels)
+        positions = sorted({c % size for c in channels})  # a unit: one channel of each group
+        units = [Unit(name, u) for u in positions]
+        scoring, head = self.scoring, contextlib.nullcontext()
+        if self.classes is not None:
+            classifier, subset, scoring = self._subset(surgery.model)
+            head = narrowed(surgery.model.get_submodule(classifier), subset.indices)
+        with head:
+            base, scores = make_engine(EngineOptions(engine=self.engine)).score(
+                surgery, units, scoring)
+        per_unit = car_importance(base, scores, positions)
+        return per_unit[[positions.index(c % size) for c in channels]]
+
+    def _subset(self, model: nn.Module) -> tuple[str, ClassSubset, ScoringSet]:
+        """The classifier, the class subset and its scoring images, found at the first call."""
+        if self._task is None:
+            example = self.scoring.example()
+            subset = ClassSubset.resolve(self.classes, output_names(model, self.names),
+                                         outputs_of(model, example))
+            self._task = (trimmed(model, subset, example)[0], subset,
+                          subset.scoring(self.scoring.classified_by(model)))
+        return self._task
 
 
 def criterion_prune(model: nn.Module, data, layers: Sequence[str], criterion: str,

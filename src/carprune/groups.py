@@ -1,12 +1,15 @@
-"""Prunable units: Torch-Pruning dependency groups, their ablation masks, and surgery.
+"""Prunable units: Torch-Pruning dependency groups, their ablation, and surgery.
 
-A *unit* is output channel `i` of a named conv layer together with everything Torch-Pruning's
-`DependencyGraph` says must go with it (the BatchNorm channel, coupled residual producers,
-consumers' input channels). Two operations:
+A *unit* of a conv or linear layer is what Torch-Pruning removes together (docs/engine.md,
+"Units"): one output channel, or, where the layer's group holds grouped convolutions or
+GroupNorms, the same channel of each of their G groups; with everything the
+`DependencyGraph` says must go with it (norm channels, coupled residual producers, consumers'
+input channels). Two operations:
 
 - *ablate*: zero every producing parameter of the group (conv/linear weight rows and biases,
-  norm scales and shifts), so the channel is identically zero downstream. For activations with
-  f(0) = 0 this is exactly the network with the unit removed; it is how units are scored.
+  norm scales and shifts), so the channels are identically zero downstream, and compute the
+  norms that mix channels without them (norms.py). That is exactly the network with the unit
+  removed; it is how units are scored.
 - *remove*: physical removal through Torch-Pruning, once a unit is chosen.
 """
 
@@ -14,7 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,13 +28,17 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from .errors import CarpruneError
+from .layout import arrange, layout_for, own_forward
+from .norms import is_mixing, removed, unsupported
 
-NORMS = (_BatchNorm, _InstanceNorm, nn.GroupNorm)
+NORMS = (_BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm)
+LAYERS = (nn.Conv2d, nn.Linear)
 
 
 @dataclass(frozen=True)
 class Unit:
-    """Output channel `channel` (current numbering) of conv layer `layer`."""
+    """Unit `channel` (current position; one channel, or one of each channel group) of the
+    conv or linear layer `layer`."""
 
     layer: str
     channel: int
@@ -42,8 +50,8 @@ class Unit:
 
 @dataclass(frozen=True)
 class Block:
-    """Channels `channels` (current numbering) of conv layer `layer`, whose absence is scored
-    jointly: one candidate of global CAR's block mode."""
+    """Units `channels` (current positions) of layer `layer`, whose absence is scored jointly:
+    one candidate of global CAR's block mode."""
 
     layer: str
     channels: tuple[int, ...]
@@ -58,14 +66,16 @@ def is_depthwise(m: nn.Module) -> bool:
 
 
 def dependency_graph(model: nn.Module, example_inputs: torch.Tensor) -> tp.DependencyGraph:
-    """Torch-Pruning's graph of which channels must go together, or one sentence why not."""
+    """Torch-Pruning's graph of which channels must go together, or one sentence why not,
+    blaming Torch-Pruning only when the network's own forward runs (`own_forward`)."""
+    own_forward(model, example_inputs)
     try:
         return tp.DependencyGraph().build_dependency(model, example_inputs, verbose=False)
     except Exception as exc:  # noqa: BLE001 - Torch-Pruning raises many kinds on odd graphs
-        raise CarpruneError(f"Torch-Pruning cannot build the dependency graph of this network "
-                            f"({type(exc).__name__}: {str(exc)[:200]}); it cannot be pruned "
-                            "here, see docs/models-and-data.md for the networks that work") \
-            from None
+        raise CarpruneError(f"Torch-Pruning cannot build the dependency graph of this network, "
+                            f"whose own forward runs ({type(exc).__name__}: {str(exc)[:200]}); "
+                            "it cannot be pruned here, see docs/models-and-data.md for the "
+                            "networks that work") from None
 
 
 def replay_history(model: nn.Module, input_shape: Sequence[int], history: list) -> None:
@@ -80,16 +90,51 @@ def replay_history(model: nn.Module, input_shape: Sequence[int], history: list) 
                             f"architecture ({exc}); restore the model.json of the run") from None
 
 
+def _width(m: nn.Module) -> int:
+    return m.out_features if isinstance(m, nn.Linear) else m.out_channels
+
+
+def _split(m: nn.Module, handler, dg: tp.DependencyGraph) -> tuple[int, int]:
+    """(groups, channels) of a member of a dependency group along the dimension the group
+    prunes: a grouped (not depthwise) conv's, a GroupNorm's; (1, 0) for the others."""
+    if isinstance(m, nn.GroupNorm):
+        return m.num_groups, m.num_channels
+    if isinstance(m, nn.Conv2d) and m.groups > 1 and not is_depthwise(m):
+        out = dg.is_out_channel_pruning_fn(handler)
+        return m.groups, m.out_channels if out else m.in_channels
+    return 1, 0
+
+
+class _Alive(Mapping):
+    """Layer -> the original unit index of each current unit position: that of its channel in
+    the first channel group (a unit takes the same channel of every group)."""
+
+    def __init__(self, surgery: Surgery):
+        self._surgery = surgery
+
+    def __getitem__(self, layer: str) -> list[int]:
+        return self._surgery.original[layer][:self._surgery.size(layer)]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._surgery.original)
+
+    def __len__(self) -> int:
+        return len(self._surgery.original)
+
+
 class Surgery:
     """Owns a copy of a model and its dependency graph; ablates and removes units, and keeps
-    their numbering. The caller's model is never changed (`adopt` takes one over instead).
+    their numbering. The caller's model is never changed, but for the layout decision it keeps
+    (layout.py); `adopt` takes one over instead.
 
-    `alive[layer]` maps the layer's current channel positions to its original indices, so every
-    record can speak the numbering of the network the user started from.
+    `alive[layer]` maps the layer's current unit positions to their original indices, so every
+    record can speak the numbering of the network the user started from (`original[layer]`:
+    the same per channel).
     """
 
     def __init__(self, model: nn.Module, example_inputs: torch.Tensor,
                  prior_history: list | None = None):
+        layout_for(model, example_inputs)  # decided once, on the caller's model: copies keep it
         self._own(copy.deepcopy(model), example_inputs, None, prior_history)
 
     @classmethod
@@ -102,114 +147,188 @@ class Surgery:
 
     def _own(self, model: nn.Module, example_inputs: torch.Tensor,
              dg: tp.DependencyGraph | None, prior_history: list | None) -> None:
-        self.model = model.eval().to(memory_format=torch.channels_last)  # ~2x faster on CPU
+        self.model = model.eval()
+        self.layout = arrange(self.model, example_inputs)  # channels_last where it works
         self.example_inputs = example_inputs
         self.dg = dg or dependency_graph(self.model, example_inputs)
         self.prior_history = list(prior_history or [])
         self.modules = dict(self.model.named_modules())
         self.names = {m: n for n, m in self.modules.items()}
-        self.alive: dict[str, list[int]] = {
-            name: list(range(m.out_channels)) for name, m in self.modules.items()
-            if isinstance(m, nn.Conv2d)}
-        # (layer, original indices, names of every module its group changed) per removal
+        self.original: dict[str, list[int]] = {
+            name: list(range(_width(m))) for name, m in self.modules.items()
+            if isinstance(m, LAYERS)}
+        self.alive = _Alive(self)
+        # (layer, original unit indices, names of every module its group changed) per removal
         self.removals: list[tuple[str, list[int], frozenset[str]]] = []
-        self._groups: dict[str, dict[int, list]] = {}  # layer -> channel -> group items
-        self._grouped: dict[str, nn.Conv2d | None] = {}
+        self._units: dict[str, list[list]] = {}  # layer -> unit -> group items, until a removal
+        self._groups_of: dict[str, int] = {}     # layer -> channel groups G (never changes)
+        self._refusals: dict[str, str | None] = {}
 
     # -- naming -----------------------------------------------------------------------------
-    def conv_layers(self) -> list[str]:
-        """Layers whose filters can be pruned: convs with a dependency group, not depthwise."""
+    def prunable_layers(self) -> list[str]:
+        """Layers whose units can be pruned: every conv and linear layer that makes the
+        channels of a dependency group, but depthwise convs and the classifier (docs/engine.md,
+        "Units")."""
         return [n for n, m in self.modules.items()
-                if isinstance(m, nn.Conv2d) and not is_depthwise(m) and m in self.dg.module2node
-                and self.grouped_reader(n) is None]
+                if isinstance(m, LAYERS) and self.why_not(n) is None]
 
-    def check_layer(self, name: str) -> nn.Conv2d:
-        if name not in self.modules:
-            raise CarpruneError(f"the model has no layer {name!r}; prunable layers are: "
-                                f"{', '.join(self.conv_layers())}")
-        module = self.modules[name]
-        grouped = self.grouped_reader(name) if isinstance(module, nn.Conv2d) else None
-        if grouped is not None:
-            raise CarpruneError(f"the channels of {name!r} feed a grouped convolution "
-                                f"({self.names[grouped]}, groups={grouped.groups}), which cannot "
-                                "lose single channels; choose another layer")
-        if name not in self.conv_layers():
-            raise CarpruneError(f"layer {name!r} is a {type(module).__name__}, not a prunable "
-                                f"conv layer; choose from: {', '.join(self.conv_layers())}")
-        return module
+    def conv_layers(self) -> list[str]:
+        """The convs among `prunable_layers`."""
+        return [n for n in self.prunable_layers() if isinstance(self.modules[n], nn.Conv2d)]
 
-    def grouped_reader(self, layer: str) -> nn.Conv2d | None:
-        """A grouped (not depthwise) convolution in the layer's dependency group, if any
-        (RegNet, ResNeXt): removing one channel would break its groups."""
-        if layer not in self._grouped:
-            self._grouped[layer] = next(
-                (dep.target.module for dep, _ in self.group(layer, [0])
-                 if isinstance(dep.target.module, nn.Conv2d) and dep.target.module.groups > 1
-                 and not is_depthwise(dep.target.module)), None)
-        return self._grouped[layer]
+    def check_layer(self, name: str, convs: bool = False) -> nn.Module:
+        """The layer, or one sentence saying why it is not a prunable one (`convs`: a conv)."""
+        module, wanted = self.modules.get(name), "conv" if convs else "conv or linear"
+        why = self.why_not(name) if isinstance(module, nn.Conv2d if convs else LAYERS) else \
+            f"is a {type(module).__name__}, not a prunable {wanted} layer"
+        if why is None:
+            return module
+        pool = ", ".join(self.conv_layers() if convs else self.prunable_layers())
+        if module is None:
+            raise CarpruneError(f"the model has no layer {name!r}; prunable layers are: {pool}")
+        raise CarpruneError(f"layer {name!r} {why}; choose from: {pool}")
+
+    def why_not(self, layer: str) -> str | None:
+        """Why the layer's channels are not units, or None when they are."""
+        if layer not in self._refusals:
+            self._refusals[layer] = self._find_refusal(layer)
+        return self._refusals[layer]
+
+    def _find_refusal(self, layer: str) -> str | None:
+        module = self.modules[layer]
+        if is_depthwise(module):
+            return ("is a depthwise conv, whose channels go with the layer that makes them; "
+                    "name that layer")
+        if module not in self.dg.module2node:
+            return "is not part of the network's forward pass"
+        if not self.consumers(layer, 0):
+            return ("makes the network's outputs (no layer reads its channels): removing one "
+                    "would remove an output, not a filter")
+        for dep, _ in self.unit_group(layer, 0):
+            if is_mixing(dep.target.module) and unsupported(dep.target.module):
+                return f"{unsupported(dep.target.module)}, at {self.names[dep.target.module]}"
+        return self._uneven(layer)
+
+    def _uneven(self, layer: str) -> str | None:
+        """Why some member's channel groups would become unequal when a unit goes, or None."""
+        for u in range(self.size(layer)):
+            for dep, idxs in self.unit_group(layer, u):
+                groups, width = _split(dep.target.module, dep.handler, self.dg)
+                if groups == 1:
+                    continue
+                counts = [0] * groups
+                for i in idxs:
+                    counts[i // (width // groups)] += 1
+                if len(set(counts)) > 1:
+                    return (f"feeds {self.names[dep.target.module]} ({groups} channel groups) "
+                            "unevenly: no removal of its channels keeps those groups equal")
+        return None
+
+    def channel_groups(self, layer: str) -> int:
+        """G: the least common multiple of the group counts of the grouped convs (not
+        depthwise) and GroupNorms in the layer's dependency group; 1 where there are none."""
+        if layer not in self._groups_of:
+            counts = [_split(item.dep.target.module, item.dep.handler, self.dg)[0]
+                      for item in self.group(layer, range(self.width(layer)))]
+            self._groups_of[layer] = math.lcm(1, *counts)
+        return self._groups_of[layer]
+
+    def width(self, layer: str) -> int:
+        """The layer's output channels now."""
+        return _width(self.modules[layer])
 
     def size(self, layer: str) -> int:
-        return self.modules[layer].out_channels
+        """The layer's units now."""
+        return self.width(layer) // self.channel_groups(layer)
+
+    def channels(self, layer: str, unit: int) -> list[int]:
+        """The layer's channels (current numbering) that make up unit `unit`."""
+        size = self.size(layer)
+        return [unit + g * size for g in range(self.channel_groups(layer))]
 
     # -- groups -----------------------------------------------------------------------------
     def group(self, layer: str, channels: Sequence[int]):
-        return self.dg.get_pruning_group(self.modules[layer], tp.prune_conv_out_channels,
-                                         [int(c) for c in channels])
+        module = self.modules[layer]
+        prune = tp.prune_linear_out_channels if isinstance(module, nn.Linear) \
+            else tp.prune_conv_out_channels
+        return self.dg.get_pruning_group(module, prune, [int(c) for c in channels])
 
-    def unit_group(self, layer: str, channel: int) -> list:
+    def unit_group(self, layer: str, unit: int) -> list:
         """(dependency, indices) items of one unit's group. One Torch-Pruning group of the whole
         layer is built (and cached until the next removal); a unit's items are the indices whose
-        root index is the unit's channel."""
-        if layer not in self._groups:
-            units: dict[int, list] = {c: [] for c in range(self.size(layer))}
-            for item in self.group(layer, range(self.size(layer))):
+        root index is one of the unit's channels."""
+        if layer not in self._units:
+            size = self.size(layer)
+            units: list[list] = [[] for _ in range(size)]
+            for item in self.group(layer, range(self.width(layer))):
                 mine: dict[int, list[int]] = {}
                 for i, root in zip(item.idxs, item.root_idxs, strict=True):
-                    mine.setdefault(root, []).append(i)
-                for c, idxs in mine.items():
-                    units[c].append((item.dep, idxs))
-            self._groups[layer] = units
-        return self._groups[layer][channel]
+                    mine.setdefault(root % size, []).append(i)
+                for u, idxs in mine.items():
+                    units[u].append((item.dep, sorted(idxs)))
+            self._units[layer] = units
+        return self._units[layer][unit]
 
-    def producing(self, layer: str, channel: int) -> dict[str, list[int]]:
-        """Module name -> output indices of everything whose parameters make the unit's channel
-        (conv and linear rows, depthwise convs, affine norms): ablating the unit zeroes those
-        outputs, and nothing else."""
+    def producing(self, layer: str, unit: int) -> dict[str, list[int]]:
+        """Module name -> output indices of everything whose parameters make the unit's
+        channels (conv and linear rows, depthwise convs, per-channel affine norms): ablating the
+        unit zeroes those outputs, and nothing else."""
         out: dict[str, list[int]] = {}
-        for dep, idxs in self.unit_group(layer, channel):
+        for dep, idxs in self.unit_group(layer, unit):
             m = dep.target.module
             is_out = self.dg.is_out_channel_pruning_fn(dep.handler)
-            if isinstance(m, (nn.Conv2d, nn.Linear)) and (is_out or is_depthwise(m)) \
-                    or isinstance(m, NORMS) and getattr(m, "affine", True):
+            if isinstance(m, LAYERS) and (is_out or is_depthwise(m)) \
+                    or isinstance(m, NORMS) and not is_mixing(m) and getattr(m, "affine", True):
                 name = self.names[m]
                 out[name] = sorted({*out.get(name, []), *idxs})
         return out
 
-    def producers(self, layer: str, channel: int) -> list[tuple[torch.Tensor, list[int]]]:
-        """(parameter, indices along dim 0) of everything that produces the unit's channel."""
-        return [(p, idxs) for name, idxs in self.producing(layer, channel).items()
+    def mixing(self, layer: str, unit: int) -> dict[str, list[int]]:
+        """Module name -> channels of every norm that mixes channels (norms.py) and reads the
+        unit's: they compute without those channels when the unit is ablated."""
+        out: dict[str, list[int]] = {}
+        for dep, idxs in self.unit_group(layer, unit):
+            if is_mixing(dep.target.module):
+                name = self.names[dep.target.module]
+                out[name] = sorted({*out.get(name, []), *idxs})
+        return out
+
+    def makers(self, layer: str, unit: int) -> dict[str, list[int]]:
+        """`producing` and `mixing` together: every module whose output at the unit's channels
+        the unit's absence changes."""
+        return {**self.producing(layer, unit), **self.mixing(layer, unit)}
+
+    def producers(self, layer: str, unit: int) -> list[tuple[torch.Tensor, list[int]]]:
+        """(parameter, indices along dim 0) of everything that produces the unit's channels."""
+        return [(p, idxs) for name, idxs in self.producing(layer, unit).items()
                 for p in (self.modules[name].weight, self.modules[name].bias) if p is not None]
 
-    def consumers(self, layer: str, channel: int) -> list[tuple[str, list[int]]]:
-        """(layer name, input indices) of every conv/linear that reads the unit's channel."""
-        names = {m: n for n, m in self.modules.items()}
+    def consumers(self, layer: str, unit: int) -> list[tuple[str, list[int]]]:
+        """(layer name, input indices) of every conv/linear that reads the unit's channels."""
         out = []
-        for dep, idxs in self.unit_group(layer, channel):
+        for dep, idxs in self.unit_group(layer, unit):
             m = dep.target.module
-            if isinstance(m, (nn.Conv2d, nn.Linear)) and self.dg.is_in_channel_pruning_fn(
-                    dep.handler) and not is_depthwise(m):
-                out.append((names[m], list(idxs)))
+            if isinstance(m, LAYERS) and self.dg.is_in_channel_pruning_fn(dep.handler) \
+                    and not is_depthwise(m):
+                out.append((self.names[m], list(idxs)))
         return out
 
     def kind(self, layer: str) -> str:
-        """The layer's unit kind: depthwise (a depthwise conv carries its channels), residual
-        (other layers make the same channels: a residual stage, a squeeze-excitation scale),
-        concat (a consumer reads them among other layers' channels), branch (several layers
-        read them) or plain."""
+        """The layer's unit kind (docs/engine.md): norm-mixed (a norm that mixes channels reads
+        them), grouped (units of several channels), depthwise (a depthwise conv carries them),
+        residual (other layers make the same channels: a residual stage, a squeeze-excitation
+        scale), linear (an nn.Linear's hidden features), concat (a consumer reads them among
+        other layers' channels), branch (several layers read them) or plain."""
+        if self.mixing(layer, 0):
+            return "norm-mixed"
+        if self.channel_groups(layer) > 1:
+            return "grouped"
         if any(is_depthwise(self.modules[n]) for n in self.producing(layer, 0)):
             return "depthwise"
         if self.coupled(layer, depthwise=False):
             return "residual"
+        if isinstance(self.modules[layer], nn.Linear):
+            return "linear"
         consumers = self.consumers(layer, 0)
         if any(isinstance(self.modules[n], nn.Conv2d)
                and self.modules[n].in_channels != self.size(layer) for n, _ in consumers):
@@ -219,53 +338,59 @@ class Surgery:
     def coupled(self, layer: str, depthwise: bool = True) -> bool:
         """True when other layers make the same channels: residual sums, and (unless
         `depthwise` is False) depthwise convs."""
-        makers = [n for n in self.producing(layer, 0)
-                  if isinstance(self.modules[n], (nn.Conv2d, nn.Linear))
+        makers = [n for n in self.producing(layer, 0) if isinstance(self.modules[n], LAYERS)
                   and (depthwise or not is_depthwise(self.modules[n]))]
         return len(makers) > 1
 
     # -- operations -------------------------------------------------------------------------
     @contextlib.contextmanager
     def ablated(self, units: Sequence[Unit]) -> Iterator[None]:
-        """Zero the units' producing parameters for the duration of the block, then restore."""
-        saved = []
+        """The network without the units for the duration of the block: their producing
+        parameters zeroed, and the norms that mix their channels computing without them."""
+        saved, gone = [], {}
         with torch.no_grad():
             for unit in units:
                 for param, idxs in self.producers(unit.layer, unit.channel):
                     saved.append((param, idxs, param[idxs].clone()))
                     param[idxs] = 0
+                for name, idxs in self.mixing(unit.layer, unit.channel).items():
+                    gone.setdefault(self.modules[name], set()).update(idxs)
         try:
-            yield
+            with removed(gone):
+                yield
         finally:
             with torch.no_grad():
                 for param, idxs, values in reversed(saved):
                     param[idxs] = values
 
-    def check_removal(self, layer: str, channels: Sequence[int]) -> None:
-        if len(set(channels)) >= self.size(layer):
-            raise CarpruneError(f"removing {len(set(channels))} of {self.size(layer)} filters "
-                                f"would empty layer {layer!r}; keep at least one")
+    def check_removal(self, layer: str, units: Sequence[int]) -> None:
+        if len(set(units)) >= self.size(layer):
+            each = f" (a unit is one channel of each of its {self.channel_groups(layer)} " \
+                "channel groups)" if self.channel_groups(layer) > 1 else ""
+            raise CarpruneError(f"removing {len(set(units))} of {self.size(layer)} units would "
+                                f"empty layer {layer!r}{each}; keep at least one")
 
-    def remove(self, layer: str, channels: Sequence[int]) -> list[int]:
-        """Physically remove channels (current numbering); returns their original indices."""
-        channels = sorted({int(c) for c in channels})
-        self.check_removal(layer, channels)
-        group = self.group(layer, channels)
+    def remove(self, layer: str, units: Sequence[int]) -> list[int]:
+        """Physically remove units (current positions); returns their original indices."""
+        units = sorted({int(u) for u in units})
+        self.check_removal(layer, units)
+        original = [self.alive[layer][u] for u in units]
+        group = self.group(layer, sorted(c for u in units for c in self.channels(layer, u)))
         touched = {}
         for dep, idxs in group:
             m = dep.target.module
-            if isinstance(m, nn.Conv2d) and (self.dg.is_out_channel_pruning_fn(dep.handler)
-                                             or is_depthwise(m)):
-                touched[self.names[m]] = sorted(set(idxs))
-        original = [self.alive[layer][c] for c in channels]
-        changed = frozenset(self.names[dep.target.module] for dep, _ in group
-                            if dep.target.module in self.names)
+            if isinstance(m, LAYERS) and (self.dg.is_out_channel_pruning_fn(dep.handler)
+                                          or is_depthwise(m)):
+                touched[self.names[m]] = set(idxs)
+        changed = frozenset(filter(None, (  # a pruned parameter (a layer scale): its name
+            self.names.get(dep.target.module) or self.dg._param_to_name.get(dep.target.module)
+            for dep, _ in group)))
         group.prune()
-        self.model.to(memory_format=torch.channels_last)  # pruned weights come back dense NCHW
-        self._groups.clear()
-        for name, idxs in touched.items():
-            gone = set(idxs)
-            self.alive[name] = [o for pos, o in enumerate(self.alive[name]) if pos not in gone]
+        self.model.to(memory_format=self.layout)  # pruned weights come back dense NCHW
+        self._units.clear()
+        for name, gone in touched.items():
+            self.original[name] = [o for pos, o in enumerate(self.original[name])
+                                   if pos not in gone]
         self.removals.append((layer, original, changed))
         return original
 

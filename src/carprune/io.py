@@ -14,6 +14,7 @@ import os
 import struct
 import tempfile
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from safetensors.torch import save as tensors_to_bytes
 from torch import nn
 
 from .errors import CarpruneError
+from .layout import arrange, example_of
 from .models import create_model
 
 FORMAT = "carprune-checkpoint/1"
@@ -115,8 +117,9 @@ def save(model: nn.Module, out_dir: str | os.PathLike, extra: dict | None = None
 def load(path: str | os.PathLike) -> nn.Module:
     """Rebuild a saved model from model.json + model.safetensors; never unpickles anything.
 
-    The model comes back in channels_last layout, the one carprune computes in, so its outputs
-    are bit-identical to those of the saved model at the end of a run."""
+    The model comes back in the layout carprune computes it in (channels_last where it works,
+    layout.py), so its outputs are bit-identical to those of the saved model at the end of a
+    run."""
     directory = resolve_checkpoint(path)
     spec = read_json(directory / "model.json")
     if not isinstance(spec, dict):
@@ -144,10 +147,12 @@ def load(path: str | os.PathLike) -> nn.Module:
                             "restore the pair written together")
     model = build(spec)
     check_state_fits(model, state, weights_path)
-    model.load_state_dict(state, strict=True)
-    # the layout every carprune run computes in (about twice as fast on CPU), so a reloaded
-    # model gives bit-identical outputs to the one that was saved
-    return model.eval().to(memory_format=torch.channels_last)
+    load_state(model, state)
+    # the layout every carprune run computes it in, so a reloaded model gives bit-identical
+    # outputs to the one that was saved
+    if spec.get("input_shape"):
+        arrange(model.eval(), example_of(spec["input_shape"]))
+    return model.eval()
 
 
 _PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
@@ -193,28 +198,51 @@ def read_weights(path: str | os.PathLike, trust_pickle: bool = False) -> dict[st
 def from_factory(name: str, weights: str | os.PathLike | None,
                  trust_pickle: bool = False) -> nn.Module:
     """A model from a zoo name, `timm:NAME` or `package.module:function` factory, with optional
-    weights; `attach_data` completes the spec that lets `save` and `load` rebuild it."""
+    weights; `attach_data` completes the spec that lets `save` and `load` rebuild it. The spec
+    holds the weights file's sha256, so that a run resumed after the file changed at the same
+    path is refused (`save` replaces it with its own file's)."""
     model = create_model(name)
+    digest = None
     if weights is not None:
         state = read_weights(weights, trust_pickle)
+        digest = file_sha256(weights)
         check_state_fits(model, state, weights, against=f"the network {name} builds",
                          fix=f"give the state_dict() of a network {name} builds, or the "
                          "factory of the network these weights came from")
-        model.load_state_dict(state, strict=True)
+        load_state(model, state)
     else:
         warnings.warn(f"{name} has random weights (no --weights): fine for timing and trying "
                       "the tool, meaningless for accuracy", stacklevel=2)
-    model.carprune_spec = {"arch": {"name": name, "kwargs": {}}}
-    # the layout `load` gives a checkpoint, so the same weights compute the same outputs
-    # whichever door they came through
-    return model.eval().to(memory_format=torch.channels_last)
+    model.carprune_spec = {"arch": {"name": name, "kwargs": {}}, "weights_sha256": digest}
+    return model.eval()  # `attach_data` gives it the layout `load` gives a checkpoint
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file, read in pieces (weights files can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(2**22), b""):
+            digest.update(piece)
+    return digest.hexdigest()
 
 
 def attach_data(model: nn.Module, data) -> None:
-    """Record the input a factory model gets: image shape, data set, preprocessing."""
+    """Record the input a factory model gets: image shape, data set, preprocessing; and give
+    it the layout `load` gives a checkpoint (layout.py), so that the same weights compute the
+    same outputs whichever door they came through."""
     model.carprune_spec.update(input_shape=list(data.input_shape), data=data.describe())
+    arrange(model, example_of(data.input_shape))
     if data.preprocess:
         model.carprune_spec["preprocess"] = data.preprocess
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+    """`model.load_state_dict(state)` with the version metadata a fresh `state_dict()` of the
+    model carries, which safetensors files lack and some modules' loaders read (torchvision's
+    MNASNet refuses a state without it)."""
+    with_metadata = OrderedDict(state)
+    with_metadata._metadata = model.state_dict()._metadata  # type: ignore[attr-defined]
+    model.load_state_dict(with_metadata, strict=strict)
 
 
 def _architecture_sha(spec: dict) -> str:

@@ -14,6 +14,7 @@ from torch import nn
 from .devices import device_of
 from .errors import CarpruneError
 from .groups import NORMS, Surgery, is_depthwise
+from .layout import arrange, arranged
 
 
 def macs_params(model: nn.Module, input_shape: Sequence[int]) -> tuple[int, int]:
@@ -31,9 +32,9 @@ def module_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
             def hook(mod, inp, out, name=name):
                 k = mod.kernel_size[0] * mod.kernel_size[1] * mod.in_channels // mod.groups
                 macs[name] = out[0].numel() * k
-        elif isinstance(m, nn.Linear):
+        elif isinstance(m, nn.Linear):  # on a flat input, or at every position of a 4-D one
             def hook(mod, inp, out, name=name):
-                macs[name] = mod.in_features * mod.out_features
+                macs[name] = out[0].numel() * mod.in_features
         else:
             continue
         hooks.append(m.register_forward_hook(hook))
@@ -48,7 +49,8 @@ def unit_costs(surgery: Surgery, layers: Sequence[str],
                kind: str = "macs") -> dict[str, list[float]]:
     """Per layer of `layers`, what removing each of its units saves: MACs per image or
     parameters, summed over the unit's whole dependency group (its producers' output channels
-    and its consumers' inputs). The MACs are counted once for all layers."""
+    and its consumers' inputs, for each of its channels). The MACs are counted once for all
+    layers."""
     if kind not in ("macs", "params"):
         raise CarpruneError(f"unknown cost {kind!r}; use macs, params or latency")
     macs = module_macs(surgery.model, surgery.example_inputs) if kind == "macs" else {}
@@ -97,13 +99,13 @@ def latency_costs(surgery: Surgery, layers: Sequence[str], repeats: int = 50) ->
 @torch.inference_mode()
 def latency_ms(model: nn.Module, input_shape: Sequence[int], batch_size: int = 1,
                repeats: int = 50, warmup: int = 5) -> float:
-    """Median time of one forward pass (ms) on the model's device, in eval mode and
-    channels_last (the fast layout on CPU), measured on a copy: wall time on this machine's CPU
-    threads, CUDA events on a GPU."""
-    model = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
+    """Median time of one forward pass (ms) on the model's device, in eval mode and the layout
+    carprune computes it in (channels_last where it works, layout.py), measured on a copy: wall
+    time on this machine's CPU threads, CUDA events on a GPU."""
+    model = copy.deepcopy(model).eval()
     device = device_of(model)
     x = torch.randn(batch_size, *input_shape, device=device)
-    x = x.contiguous(memory_format=torch.channels_last)
+    x = arranged(x, arrange(model, x[:1]))
     for _ in range(warmup):
         model(x)
     times = [_timed(model, x, device) for _ in range(repeats)]

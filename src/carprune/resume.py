@@ -23,7 +23,7 @@ from torch import nn
 from . import dist
 from .car.records import GlobalProgress, GlobalStep, LayerRecord, Step
 from .errors import CarpruneError
-from .io import atomic_write, read_json, write_json
+from .io import atomic_write, load_state, read_json, write_json
 from .train import TrainState
 
 STATE_DIR = ".carprune-state"
@@ -133,7 +133,7 @@ class RunState:
         if not info:
             return None
         tensors = load_file(self.dir / info["file"])
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        load_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         state: dict[int, dict] = {}
         for key, value in tensors.items():
             if key.startswith("optimizer."):

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from . import dist
 from .devices import device_of
 from .errors import CarpruneError
+from .layout import arrange, arranged, layout_for
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:
@@ -53,9 +54,10 @@ def evaluate(model: nn.Module, dataset: Dataset, num_classes: int | None = None,
         raise CarpruneError("the evaluation set is empty; give a data set with images")
     model.eval()
     device = device_of(model)
+    layout = layout_for(model, first_image(dataset))
     loss, preds, labels = 0.0, [], []
     for x, y in _batches(dataset, batch_size, workers):
-        logits = model(x.to(device).contiguous(memory_format=torch.channels_last))
+        logits = model(arranged(x.to(device), layout))
         loss += float(F.cross_entropy(logits.float(), y.to(device), reduction="sum"))
         preds.append(logits.argmax(1).cpu())
         labels.append(y)
@@ -66,6 +68,13 @@ def evaluate(model: nn.Module, dataset: Dataset, num_classes: int | None = None,
     counts = torch.bincount(y_all, minlength=k).double().clamp(min=1)
     return Evaluation(correct / len(y_all), loss / len(y_all), (hits / counts).tolist(),
                       correct, len(y_all))
+
+
+def first_image(dataset: Dataset) -> torch.Tensor:
+    """The data set's first image as a batch of one: what a layout is decided on."""
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors[0][:1]
+    return torch.as_tensor(dataset[0][0]).unsqueeze(0)
 
 
 def _batches(dataset: Dataset, batch_size: int, workers: int):
@@ -106,10 +115,10 @@ def fit(model: nn.Module, train: Dataset, epochs: int, lr: float = 0.05,
         return []
     if len(train) == 0:
         raise CarpruneError("the training set is empty; give a data set with images")
+    layout = arrange(model, first_image(train))  # before seeding: reading it may draw
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     loader, sampler = _loader(train, batch_size, seed, generator, workers)
-    model.to(memory_format=torch.channels_last)
     device = device_of(model)
     net = model
     if dist.active():  # each rank a share of every global batch; DDP averages the gradients
@@ -122,7 +131,7 @@ def fit(model: nn.Module, train: Dataset, epochs: int, lr: float = 0.05,
             sampler.set_epoch(epoch)
             generator.manual_seed(seed + 1000 * epoch + dist.rank())
             torch.manual_seed(seed + 1000 * epoch + dist.rank())
-        step = _Step(net, opt, sched, generator if shift_and_flip else None, device)
+        step = _Step(net, opt, sched, generator if shift_and_flip else None, device, layout)
         entry = {"epoch": epoch, **_epoch(step, loader, f"{desc} epoch {epoch}/{epochs}",
                                           progress)}
         if not math.isfinite(entry["train_loss"]):
@@ -193,11 +202,12 @@ class _Step:
     sched: torch.optim.lr_scheduler.LRScheduler
     generator: torch.Generator | None
     device: torch.device
+    layout: torch.memory_format  # the network's (layout.py)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.generator is not None:
             x = augment(x, self.generator)
-        x = x.to(self.device).contiguous(memory_format=torch.channels_last)
+        x = arranged(x.to(self.device), self.layout)
         y = y.to(self.device)
         logits = self.net(x)
         loss = F.cross_entropy(logits, y)

@@ -28,7 +28,8 @@ from .settings import Approximation, Budget, Resume, check_global
 def global_car_prune(model: nn.Module, data, target: float, layers: Sequence[str] | None = None,
                      budget: Budget = Budget(), approx: Approximation = Approximation(),
                      engine: EngineOptions = EngineOptions(), progress: bool = True,
-                     resume: Resume | None = None) -> tuple[PruneResult, list[GlobalStep]]:
+                     resume: Resume | None = None, classes: Sequence[str | int] | None = None
+                     ) -> tuple[PruneResult, list[GlobalStep]]:
     """Global CAR of `layers` (default: every prunable conv) down to `target`: a fraction of
     the original MACs or parameters, or milliseconds per image (batch 1, median, this
     machine's threads) for a latency budget, measured after every removal. Returns the result
@@ -39,13 +40,15 @@ def global_car_prune(model: nn.Module, data, target: float, layers: Sequence[str
     engine: the scoring engine, its memory budget, and least-squares compensation.
     resume: an interrupted run's GlobalProgress, replayed first, and a function called with
     the progress and the network after every round (to save state, or measure the network).
+    classes: specialise the network to these classes first (car_prune says how); the target
+    is then a share of the specialised network's MACs or parameters.
     """
     began = time.perf_counter()
     budget.check_target(target)
     check_global(approx, budget)
     resume = resume or Resume()
     run, meter, ranking, records = _prepare(model, data, target, layers, budget, approx.race,
-                                            engine, began)
+                                            engine, began, classes)
     rounds = _replay_rounds(run, meter, ranking, records, resume.done)
     mode = _mode(run, approx, progress)
     if progress and meter.left > meter.target:  # every process scores the timed candidates
@@ -68,10 +71,12 @@ def global_car_prune(model: nn.Module, data, target: float, layers: Sequence[str
 
 
 def _prepare(model: nn.Module, data, target: float, layers: Sequence[str] | None,
-             budget: Budget, race: int | None, engine: EngineOptions,
-             began: float) -> tuple[Run, Meter, Ranking, dict[str, LayerRecord]]:
-    """The run on a copy of the network, its budget, its ranking and its empty records."""
-    scoring, surgery = open_surgery(model, data)
+             budget: Budget, race: int | None, engine: EngineOptions, began: float,
+             classes: Sequence[str | int] | None
+             ) -> tuple[Run, Meter, Ranking, dict[str, LayerRecord]]:
+    """The run on a copy of the network (specialised to `classes`), its budget, its ranking
+    and its empty records."""
+    scoring, surgery = open_surgery(model, data, classes)
     if race is not None and race >= scoring.total:
         raise CarpruneError(f"--race {race} must be fewer than the {scoring.total} scoring "
                             "images, or nothing is raced; lower it or drop it")

@@ -24,7 +24,8 @@ from .settings import Approximation, Resume, resolve_keep
 
 def car_prune(model: nn.Module, data, layers: Sequence[str], keep: float = 0.5,
               approx: Approximation = Approximation(), engine: EngineOptions = EngineOptions(),
-              progress: bool = True, resume: Resume | None = None) -> PruneResult:
+              progress: bool = True, resume: Resume | None = None,
+              classes: Sequence[str | int] | None = None) -> PruneResult:
     """Greedy CAR over `layers` in the order given; returns the pruned copy of the model and
     every step.
 
@@ -34,11 +35,14 @@ def car_prune(model: nn.Module, data, layers: Sequence[str], keep: float = 0.5,
     engine: the scoring engine, its memory budget, and least-squares compensation.
     resume: an interrupted run's records (and accuracy before) to replay first, and a function
     called with all records so far after every removal (to save state).
+    classes: specialise the network to these classes (names or output indices, at least two):
+    its classifier keeps their outputs only, the scoring set their images, and CAR measures
+    the accuracy on them (classes.py).
     """
     began = time.perf_counter()
     approx = Approximation.per_layer(**asdict(approx))
     resume = resume or Resume()
-    scoring, surgery = open_surgery(model, data)
+    scoring, surgery = open_surgery(model, data, classes)
     check_layers(surgery, layers)
     targets = {name: resolve_keep(keep, surgery.size(name), name) for name in layers}
     if int((scoring.class_totals() > 0).sum()) < 2:

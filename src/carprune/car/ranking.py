@@ -19,7 +19,7 @@ def group_leaders(surgery: Surgery, layers: Sequence[str]) -> list[str]:
     leaders, seen = [], set()
     for name in layers:
         producers = frozenset(id(dep.target.module) for dep, _ in surgery.unit_group(name, 0)
-                              if isinstance(dep.target.module, nn.Conv2d))
+                              if isinstance(dep.target.module, (nn.Conv2d, nn.Linear)))
         if producers not in seen:
             seen.add(producers)
             leaders.append(name)

@@ -13,6 +13,7 @@ import torch.fx as fx
 from torch import nn
 
 from .. import dist
+from ..classes import specialised
 from ..errors import CarpruneError
 from ..groups import Surgery, Unit
 from ..scoring import Engine, EngineOptions, ScoringSet, compensation, make_engine
@@ -22,20 +23,24 @@ from ..scoring.sharded import Sharded, shard
 from .records import GlobalStep, LayerRecord, PruneResult, Step
 
 
-def check_layers(surgery: Surgery, layers: Sequence[str]) -> None:
-    """Each layer named once, and each a prunable conv of the network."""
+def check_layers(surgery: Surgery, layers: Sequence[str], convs: bool = False) -> None:
+    """Each layer named once, and each a prunable layer (`convs`: conv) of the network."""
     if not layers:
         raise CarpruneError("no layers given; name at least one conv layer with --layers")
     dupes = sorted({name for name in layers if list(layers).count(name) > 1})
     if dupes:
         raise CarpruneError(f"layer {dupes[0]!r} is listed twice; name each layer once")
     for name in layers:
-        surgery.check_layer(name)
+        surgery.check_layer(name, convs)
 
 
-def open_surgery(model: nn.Module, data) -> tuple[ScoringSet, Surgery]:
+def open_surgery(model: nn.Module, data,
+                 classes: Sequence[str | int] | None = None) -> tuple[ScoringSet, Surgery]:
     """The scoring set, with as many classes as the network outputs, and the surgery of a copy
-    of the network that continues its earlier pruning history."""
+    of the network that continues its earlier pruning history; with `classes`, the network
+    specialised to them and the scoring set restricted to their images (classes.py)."""
+    if classes is not None:
+        model, data = specialised(model, data, classes)
     examples = ScoringSet.from_any(data)
     prior = getattr(model, "carprune_spec", {}).get("pruning_history", [])
     surgery = Surgery(model, examples.example(), prior_history=prior)

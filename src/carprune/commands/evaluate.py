@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 
 from .. import io
+from ..classes import data_for
 from ..config import EvaluateConfig
 from ..data import check_fits
 from ..devices import resolve_device
@@ -15,9 +16,10 @@ from .common import model_labels, open_data, open_model, table
 
 def run(config: EvaluateConfig) -> dict:
     """Images of an image folder are read with the preprocessing the model was pruned with (a
-    factory's network, with no such record: at --image-size)."""
+    factory's network, with no such record: at --image-size). A network specialised to some
+    classes is evaluated on their images of data that has all of them."""
     model, source = open_model(config)
-    data = open_data(config, model)
+    data = data_for(model, open_data(config, model))
     model.to(resolve_device(config.device))
     check_fits(model, data)
     split = getattr(data, config.split)

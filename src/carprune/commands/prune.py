@@ -12,16 +12,25 @@ from torch import nn
 
 from .. import dist, io
 from ..car import Resume, car_prune, check_layers, global_car_prune, resolve_keep
+from ..classes import ClassSubset, data_for, labels_of, output_names, outputs_of, trim_head
 from ..config import PruneConfig
 from ..criteria import criterion_prune
-from ..data import check_fits, first_images, load_data
+from ..data import check_fits, first_images
 from ..devices import device_of, resolve_device
 from ..errors import CarpruneError
 from ..groups import Surgery
 from ..measure import speed_report
 from ..resume import RunState
 from ..train import evaluate, fit
-from .common import command_line, held_in_memory, model_labels, relabelled, table
+from .common import (
+    command_line,
+    held_in_memory,
+    model_labels,
+    open_data,
+    open_model,
+    relabelled,
+    table,
+)
 
 NOT_IDENTITY = ("out", "restart", "memory_budget", "workers", "data_dir", "trust_pickle")
 
@@ -30,17 +39,14 @@ def run(config: PruneConfig, data=None, model: nn.Module | None = None) -> dict:
     """The whole command; `data` (a carprune Data) and `model` replace --data and the
     checkpoint when given from Python. Returns result.json's content."""
     device = resolve_device(config.device)
-    model, source = _model(config, model)
-    if data is None:
-        data = load_data(config.data, config.data_dir, model, config.image_size, config.workers)
-    if "input_shape" not in model.carprune_spec:
-        io.attach_data(model, data)
+    model, source = open_model(config, model)
+    data = data_for(model, open_data(config, model, data))
     model.to(device)
     check_fits(model, data)
     _check_layers(config, model, data)
-    data, scoring, train = _inputs(config, data, model, device)
-    state = RunState.open(config.out, _identity(config, model, data, scoring, train, source),
-                          config.restart)
+    model, data, scoring, train, subset = _inputs(config, data, model, device)
+    state = RunState.open(config.out, _identity(config, model, data, scoring, train, source,
+                                                subset), config.restart)
     before = _measure(model, data)
     # agreement = accuracy on the original's predictions; relabelled data already holds them
     by_original = data.val if _by_model(data) else model_labels(model, data.val, data)
@@ -56,22 +62,13 @@ def run(config: PruneConfig, data=None, model: nn.Module | None = None) -> dict:
     finetuned = _measure(pruned, data, by_original, speed=True, splits=("test",))
     summary = _summary(config, source, result, global_steps, before, after, finetuned,
                        finetune_seconds, scoring.total)
+    if subset is not None:
+        summary["classes"] = _classes(subset, pruned, result, summary["accuracy"])
     state.finish()
     if dist.is_main():
         _write(pruned, result, global_steps, summary)
         _print(result, summary)
     return summary
-
-
-def _model(config: PruneConfig, model: nn.Module | None) -> tuple[nn.Module, str]:
-    if model is not None:
-        return model, "a model given in Python"
-    if config.model:
-        return io.from_factory(config.model, config.weights, config.trust_pickle), config.model
-    if config.checkpoint is None:
-        raise CarpruneError("give a checkpoint directory, or --model package.module:factory "
-                            "(with --weights FILE)")
-    return io.load(config.checkpoint), str(config.checkpoint)
 
 
 def _check_layers(config: PruneConfig, model: nn.Module, data) -> None:
@@ -85,19 +82,33 @@ def _check_layers(config: PruneConfig, model: nn.Module, data) -> None:
 
 
 def _inputs(config: PruneConfig, data, model: nn.Module, device: torch.device):
-    """(data, scoring set held on the device, training set), relabelled by the model under
-    --labels model."""
+    """(network, data, scoring set held on the device, training set, class subset), relabelled
+    by the model under --labels model; with --classes, the network specialised and every split
+    restricted to the subset's images (under --labels model, the scoring set to the images the
+    unpruned network puts in the subset), before --score-samples and --train-samples count."""
     if data.meta.get("unlabelled"):
         if config.labels != "model":
             raise CarpruneError("the image folder has no class folders, so its images have no "
                                 "labels; add --labels model to score (and fine-tune) against "
                                 "the unpruned network's own predictions")
         data = relabelled(data, model)
-    scoring = first_images(data.val, config.score_samples, "--score-samples")
+    scoring = data.val if config.classes else \
+        first_images(data.val, config.score_samples, "--score-samples")
     if config.labels == "model" and not _by_model(data):
         scoring = model_labels(model, scoring, data)
+    subset = None
+    if config.classes:
+        example = data.example(1).to(device_of(model))
+        subset = ClassSubset.resolve(config.classes, output_names(model, data.classes),
+                                     outputs_of(model, example))
+        scoring = first_images(subset.dataset(scoring), config.score_samples,
+                               "--score-samples")
+        subset.check_present(torch.bincount(labels_of(scoring), minlength=len(subset.indices)),
+                             "the scoring set")
+        model, data = trim_head(model, subset, example), subset.data(data)
     train = first_images(data.train, config.train_samples, "--train-samples")
-    return data, held_in_memory(data, scoring, config.memory_budget, device), train
+    return (model, data, held_in_memory(data, scoring, config.memory_budget, device), train,
+            subset)
 
 
 def _by_model(data) -> bool:
@@ -105,14 +116,16 @@ def _by_model(data) -> bool:
     return data.meta.get("labels") == "model"
 
 
-def _identity(config: PruneConfig, model: nn.Module, data, scoring, train, source) -> dict:
+def _identity(config: PruneConfig, model: nn.Module, data, scoring, train, source,
+              subset: ClassSubset | None) -> dict:
     """What a resumed run must share with the interrupted one: the options that decide the
-    result, and the weights and images they were applied to."""
+    result, and the weights, images and classes they were applied to."""
     options = {k: v for k, v in config.to_json().items() if k not in NOT_IDENTITY}
     return {**options, "source": source,
             "weights": model.carprune_spec.get("weights_sha256"), "data": data.name,
             "val_images": len(data.val), "score_images": scoring.total,
-            "train_images": len(train)}
+            "train_images": len(train),
+            "class_subset": None if subset is None else subset.to_json()}
 
 
 def _measure(model: nn.Module, data, by_original=None, speed: bool = False,
@@ -178,6 +191,17 @@ def _summary(config: PruneConfig, source: str, result, global_steps, before: dic
     return summary
 
 
+def _classes(subset: ClassSubset, pruned: nn.Module, result, accuracy: dict) -> dict:
+    """What specialisation kept and what it cost: the classes, their indices among the
+    outputs of the network the run started from (and of the first network, `class_indices`),
+    their test accuracy before (the unpruned network restricted to their outputs), pruned and
+    fine-tuned, and the units removed."""
+    return {**subset.to_json(), "class_indices": pruned.carprune_spec["class_indices"],
+            "test_before": accuracy["test_before"], "test_pruned": accuracy["test_pruned"],
+            "test_finetuned": accuracy["test_finetuned"],
+            "units_removed": sum(len(rec.removed) for rec in result.layers.values())}
+
+
 def _write(pruned: nn.Module, result, global_steps, summary: dict) -> None:
     out = Path(summary["config"]["out"])
     io.save(pruned, out, extra={"pruned_by": summary["command"]})
@@ -203,6 +227,12 @@ def _print(result, summary: dict) -> None:
                   f"{acc['val_agreement_pruned']:.4f} pruned / "
                   f"{acc['val_agreement_finetuned']:.4f} fine-tuned"]],
                 ["", "before", "after"]))
+    if "classes" in summary:
+        c = summary["classes"]
+        print(f"specialised to {len(c['kept'])} of {c['of']} classes ({', '.join(c['kept'])}): "
+              f"test accuracy on them {c['test_before']:.4f} before (the unpruned network on "
+              f"their outputs), {c['test_pruned']:.4f} pruned, {c['test_finetuned']:.4f} "
+              f"fine-tuned; {c['units_removed']} units removed")
     print(f"CAR took {result.seconds:.1f} s ({result.engine} engine), fine-tuning "
           f"{summary['seconds']['finetune']:.1f} s; written to {summary['config']['out']}")
 

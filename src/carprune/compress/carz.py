@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from ..errors import CarpruneError
-from ..io import atomic_write, build, check_state_fits, spec_of
+from ..io import atomic_write, build, check_state_fits, load_state, spec_of
 from .huffman import BitReader, BitWriter, code_lengths
 
 MAGIC = b"CARZ"
@@ -290,5 +290,5 @@ def load_carz(path: str | os.PathLike) -> nn.Module:
         raise CarpruneError(f"{path} has a valid checksum but cannot be decoded ({exc}); "
                             "re-run carprune compress with this carprune version") from None
     check_state_fits(model, state, path)
-    model.load_state_dict(state, strict=True)
+    load_state(model, state)
     return model.eval()

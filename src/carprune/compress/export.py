@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import warnings
 from collections.abc import Sequence
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..classes import output_names, outputs_of
 from ..errors import CarpruneError
 from ..io import atomic_write
 
@@ -21,7 +23,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: Sequence
                 atol: float = 1e-4, seed: int = 0) -> float | None:
     """Write the model as ONNX with a free batch dimension; returns the largest absolute
     difference between onnxruntime's and PyTorch's outputs on a random batch, or None (with a
-    warning) when onnxruntime is not installed and the file is written unchecked.
+    warning) when onnxruntime is not installed and the file is written unchecked. The names of
+    its outputs' classes go into the file's metadata (`classes`, a JSON list; a specialised
+    network's `class_indices` too), so a program reading it knows what each logit is.
 
     A difference above `atol` is an error and writes nothing.
     """
@@ -37,7 +41,11 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: Sequence
                                         dynamic_shapes=({0: "batch"},))
     except ModuleNotFoundError as exc:
         raise CarpruneError(f"ONNX export needs {exc.name}; {ONNX_EXTRA}") from None
-    data = program.model_proto.SerializeToString()
+    proto = program.model_proto
+    for key, value in _class_metadata(model, example).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    data = proto.SerializeToString()
     try:
         import onnxruntime
     except ModuleNotFoundError:
@@ -57,3 +65,13 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: Sequence
                             "this model")
     atomic_write(path, data)
     return diff
+
+
+def _class_metadata(model: nn.Module, example: torch.Tensor) -> dict[str, str]:
+    """The ONNX metadata naming the logits, where the model's spec names them all."""
+    names = output_names(model)
+    if names is None or len(names) != outputs_of(model, example):
+        return {}
+    indices = model.carprune_spec.get("class_indices")
+    return {"classes": json.dumps(names),
+            **({"class_indices": json.dumps(indices)} if indices is not None else {})}

@@ -29,10 +29,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..groups import Surgery
+from ..layout import arranged
 from . import compensation
 from .consumer import ConsumerPlan, plan_layer
 from .engine import Candidate, EngineOptions
-from .graph import folded, pools_into_concats, trace
+from .graph import folded, pools_into_concats, refresh, trace
 from .masked import MaskPlan, plan_masked, score_masked
 from .naive import NaiveEngine
 from .sets import Scores, ScoringSet
@@ -54,8 +55,8 @@ def _columns(plan: ConsumerPlan, x: torch.Tensor, z: torch.Tensor, needed: torch
     """Per batch, once: the consumer's input arranged per input index, and its output z (only
     the positions the tail reads) laid out for subtraction. Conv: im2col patches
     (C, B*L, kh*kw) of the input channels `needed` (all when None) and z as (1, B*L, C'), L the
-    positions read; linear: the flattened features (B, F) and z itself. Returns them and z
-    cropped."""
+    positions read; linear: its input features (B*L, F) and z as (B*L, F'), L the positions of
+    a channels-last input (1 on a flat one). Returns them and z cropped."""
     consumer = plan.consumer
     if isinstance(consumer, nn.Conv2d):
         kh, kw = consumer.kernel_size
@@ -67,7 +68,7 @@ def _columns(plan: ConsumerPlan, x: torch.Tensor, z: torch.Tensor, needed: torch
         cols = cols.view(b, -1, kh * kw, height, width)[..., :h, :w]
         cols = cols.permute(1, 0, 3, 4, 2).reshape(-1, b * h * w, kh * kw)
         return cols, z.permute(0, 2, 3, 1).reshape(1, b * h * w, z.shape[1]), z
-    return x.reshape(x.shape[0], -1), z, z
+    return x.reshape(-1, x.shape[-1]), z.reshape(-1, z.shape[-1]), z
 
 
 def _without(weight: torch.Tensor, cols: torch.Tensor, zl: torch.Tensor, z: torch.Tensor,
@@ -79,7 +80,7 @@ def _without(weight: torch.Tensor, cols: torch.Tensor, zl: torch.Tensor, z: torc
     b = z.shape[0]
     if cols.ndim == 3:
         # one batched matmul per chunk, z - cols_k @ W_k, laid out (K, B, H', W', C') so the
-        # result is already a channels_last batch for the tail
+        # result is already a channels_last batch for the tail (where the network runs so)
         positions, kk = cols.shape[1:]
         if q is None:
             ck = cols[idx.reshape(-1)]                                       # (K*m, B*L, kk)
@@ -100,7 +101,7 @@ def _without(weight: torch.Tensor, cols: torch.Tensor, zl: torch.Tensor, z: torc
         return out.view(k * b, *z.shape[2:], c_out).permute(0, 3, 1, 2)
     taken = cols[:, idx] if q is None else torch.einsum("bf,kmf->bkm", cols, q)
     contrib = torch.einsum("bkm,ckm->kbc", taken, weight[:, idx])
-    return (z.unsqueeze(0) - contrib).reshape(k * b, -1)
+    return (zl.unsqueeze(0) - contrib).reshape(k * b, *z.shape[1:])
 
 
 def _head_unchanged(surgery: Surgery, plan: ConsumerPlan, layer: str, cache: _Cache) -> bool:
@@ -158,6 +159,7 @@ class FastEngine:
               fit: ScoringSet | None = None) -> tuple[Scores, Scores]:
         if fit is not None and self.compensate:
             return self.naive.score(surgery, candidates, scoring, advance, fit)
+        scoring = scoring.in_layout(surgery.layout)  # the set itself when it is (caches stay)
         rows: dict[str, list[int]] = {}
         for pos, candidate in enumerate(candidates):
             rows.setdefault(candidate.layer, []).append(pos)
@@ -192,6 +194,9 @@ class FastEngine:
                with_base: bool) -> tuple[Scores | None, Scores]:
         """(base, candidates) tallies of one layer's candidates; base only `with_base`."""
         plan = self.plan(surgery, layer)
+        if plan is not None:  # removals may have replaced parameters it reads
+            refresh(plan.head, surgery.model)
+            refresh(plan.tail, surgery.model)
         if isinstance(plan, ConsumerPlan):
             return self._score_layer(surgery, plan, layer, candidates, scoring, advance,
                                      with_base)
@@ -224,8 +229,10 @@ class FastEngine:
         if cache is not None and _head_unchanged(surgery, plan, layer, cache):
             gone = {i for pos, o in enumerate(cache.alive) if o not in alive
                     for i in cache.feeds[pos]}  # X may hold other layers' channels (concat)
-            keep = [i for i in range(cache.inputs[0].shape[1]) if i not in gone]
-            inputs = [x[:, keep] for x in cache.inputs]
+            dim = -1 if isinstance(plan.consumer, nn.Linear) else 1  # a Linear's: channels-last
+            keep = torch.tensor([i for i in range(cache.inputs[0].shape[dim]) if i not in gone],
+                                device=cache.inputs[0].device)
+            inputs = [x.index_select(dim, keep) for x in cache.inputs]
             sides = cache.sides
         else:
             inputs, sides = [], []
@@ -262,15 +269,17 @@ class FastEngine:
         for width in dict.fromkeys(map(len, feeds)):  # a chunk's candidates feed alike
             rows = [k for k, f in enumerate(feeds) if len(f) == width]
             alike = self._score_alike(plan, cache, full, tail, [feeds[k] for k in rows], p,
-                                      scoring, advance)
+                                      scoring, advance, surgery.layout)
             _place(scores, rows, alike)
         return base if with_base else None, scores
 
     def _score_alike(self, plan: ConsumerPlan, cache: _Cache, full: list[torch.Tensor],
                      tail: fx.GraphModule, feeds: list[list[int]], p: torch.Tensor | None,
-                     scoring: ScoringSet, advance: Callable[[int], None]) -> Scores:
+                     scoring: ScoringSet, advance: Callable[[int], None],
+                     layout: torch.memory_format) -> Scores:
         """The tallies of candidates that each feed the consumer as many input indices
-        (`feeds`), with its refit from P = `p` when compensating."""
+        (`feeds`), with its refit from P = `p` when compensating; the tail gets its input in
+        the network's `layout`."""
         weight = plan.weight()
         idx = torch.tensor(feeds, device=scoring.batches[0][0].device)
         scores = Scores.zeros(len(feeds), scoring.num_classes)
@@ -293,6 +302,8 @@ class FastEngine:
                 rows = slice(start, min(start + chunk, len(feeds)))
                 k = rows.stop - rows.start
                 zc = _without(weight, cols, zl, z, idx[rows], None if q is None else q[rows])
+                if isinstance(plan.consumer, nn.Conv2d):
+                    zc = arranged(zc, layout)
                 reps = [s.repeat(k, *[1] * (s.ndim - 1)) for s in side]
                 scores.add_logits(rows, tail(zc, *reps).view(k, len(y), -1), y)
             step = len(feeds) * len(y) / scoring.total

@@ -4,7 +4,9 @@ one pass: the shortlist of the approximate `--shortlist` mode of global CAR.
 Ablating a unit zeroes the outputs of its mask points (masked.py) at the unit's channels. Put a
 multiplicative mask of ones on each point, per image and channel: the loss gradient with
 respect to it is, per image, the sum over pixels of activation times gradient there, and a
-unit's first-order change of that image's loss is minus the sum of those over its channels. A
+unit's first-order change of that image's loss is minus the sum of those over its channels.
+A norm that mixes channels is masked the same way: its other channels' change with the
+statistics is left out of the estimate. A
 unit's estimate sums its absolute value over the images, so that images a removal helps do not
 cancel images it hurts. Only the masks' gradients are computed (no parameter gradients).
 """
@@ -18,6 +20,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..groups import Surgery, Unit
+from ..norms import channel_dim
 from .graph import trace
 from .masked import mask_points
 from .sets import ScoringSet
@@ -30,13 +33,13 @@ def _points(surgery: Surgery, layers: Sequence[str],
     out = {}
     for layer in layers:
         found = mask_points(traced, surgery, layer) if traced is not None else None
-        out[layer] = [found[0][n] for n in found[1]] if found else list(surgery.producing(layer, 0))
+        out[layer] = [found[0][n] for n in found[1]] if found else list(surgery.makers(layer, 0))
     return out
 
 
 def _map(surgery: Surgery, layer: str, point: str, width: int) -> torch.Tensor:
     """(point's `width` channels, layer channels) 0/1: which of them each unit zeroes."""
-    rows = [surgery.producing(layer, c)[point] for c in range(surgery.size(layer))]
+    rows = [surgery.makers(layer, c)[point] for c in range(surgery.size(layer))]
     out = torch.zeros(width, len(rows))
     for c, idxs in enumerate(rows):
         out[idxs, c] = 1
@@ -52,9 +55,13 @@ def first_order(surgery: Surgery, layers: Sequence[str], scoring: ScoringSet,
     masks: dict[str, torch.Tensor] = {}
 
     def hook(module, inputs, output):
-        mask = torch.ones(output.shape[:2], device=output.device, requires_grad=True)
+        dim = channel_dim(module) % output.ndim
+        mask = torch.ones(len(output), output.shape[dim], device=output.device,
+                          requires_grad=True)
         masks[surgery.names[module]] = mask
-        return output * mask.view(*mask.shape, *[1] * (output.ndim - 2))
+        shape = [len(output)] + [1] * (output.ndim - 1)
+        shape[dim] = -1
+        return output * mask.view(shape)
 
     handles = [surgery.modules[p].register_forward_hook(hook)
                for p in dict.fromkeys(p for ps in points.values() for p in ps)]

@@ -1,14 +1,14 @@
 """The masked tail: exact CAR for a unit of any kind (docs/engine.md, "The fast engine").
 
-Ablating a unit zeroes the parameters of every module that makes its channel (conv and linear
-rows, the depthwise convs and norms of its group), so each such module's output is exactly zero
-at the unit's indices, and nothing else changes. The network without unit i therefore equals
-the network with those outputs zeroed, which is what this tail computes: everything that does
-not depend on the masked outputs (the head) runs once per scoring batch, and the rest (the
-tail) runs once per candidate, many candidates stacked along the batch dimension, each with its
-own zeros. A residual stage's tail starts at the stage's first producer; squeeze-excitation,
-concatenations and any mixing of channels downstream are computed as they are, so exactness
-needs nothing of them.
+Ablating a unit zeroes the parameters of every module that makes its channels (conv and linear
+rows, the depthwise convs and per-channel norms of its group), so each such module's output is
+exactly zero at the unit's indices, and the norms that mix channels compute without them
+(norms.py). The network without unit i therefore equals the network with those outputs zeroed
+and those norms masked, which is what this tail computes: everything that does not depend on
+the masked outputs (the head) runs once per scoring batch, and the rest (the tail) runs once
+per candidate, many candidates stacked along the batch dimension, each with its own mask. A
+residual stage's tail starts at the stage's first producer; squeeze-excitation,
+concatenations and any other op that reads the masked values are computed as they are.
 """
 
 from __future__ import annotations
@@ -22,17 +22,22 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..groups import Surgery, is_depthwise
+from ..norms import Mask, channel_dim, is_mixing, without
 from .engine import Candidate
 from .graph import boundary, descendants, head_module, module_node, tail_graph
 from .sets import Scores, ScoringSet
 
 
-def _zeroed(x: torch.Tensor, mask: tuple[int, torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """x holds k candidates' batches one after another; zero channel cols[j] of candidate
-    rows[j], in place (x is the tail's own value)."""
+def _zeroed(x: torch.Tensor, mask: Mask, dim: int) -> torch.Tensor:
+    """x holds k candidates' batches one after another, channels in dimension `dim` (1 or the
+    last); zero channel cols[j] of candidate rows[j], in place (x is the tail's own value)."""
     k, rows, cols = mask
     if len(rows):
-        x.view(k, x.shape[0] // k, *x.shape[1:])[rows, :, cols] = 0
+        v = x.view(k, x.shape[0] // k, *x.shape[1:])
+        if dim == 1:
+            v[rows, :, cols] = 0
+        else:
+            v[rows, ..., cols] = 0
     return x
 
 
@@ -46,21 +51,23 @@ class MaskPlan:
 
 
 def _carried(node: fx.Node, makers: dict[fx.Node, str], modules: dict[str, nn.Module]) -> bool:
-    """A maker whose only reader is a per-channel maker (a BatchNorm after a conv, a norm after
-    a depthwise conv): zeroing that reader's output zeroes the channel just the same."""
+    """A maker whose only reader is another maker that overwrites the channel (a BatchNorm
+    after a conv, a norm after a depthwise conv, a norm that mixes channels, which computes
+    without it): masking that reader's output is enough."""
     if len(node.users) != 1:
         return False
     user = next(iter(node.users))
     m = modules.get(user.target) if user in makers else None
-    return isinstance(m, _BatchNorm) or is_depthwise(m)
+    return isinstance(m, _BatchNorm) or is_depthwise(m) or is_mixing(m)
 
 
 def mask_points(traced: fx.GraphModule, surgery: Surgery,
                 layer: str) -> tuple[dict[fx.Node, str], list[fx.Node]] | None:
-    """The nodes of the modules that make `layer`'s channels (node -> name), and those whose
-    outputs a mask must zero; None where such a module is not called exactly once."""
+    """The nodes of the modules whose outputs `layer`'s units change (node -> name), and
+    those a mask must zero or, for norms that mix channels, recompute; None where such a module
+    is not called exactly once."""
     makers = {}
-    for name in surgery.producing(layer, 0):
+    for name in surgery.makers(layer, 0):
         node = module_node(traced.graph, name)
         if node is None:
             return None
@@ -77,7 +84,9 @@ def plan_masked(traced: fx.GraphModule, surgery: Surgery, layer: str) -> MaskPla
     if found is None:
         return None
     makers, points = found
-    changed = set().union(*(descendants(p) - {p} for p in points))
+    modules = dict(traced.named_modules())
+    mixing = {p for p in points if is_mixing(modules[p.target])}
+    changed = set().union(*(descendants(p) - ({p} - mixing) for p in points))
     tail = [n for n in graph.nodes if n in changed]
     sides, constants = boundary(graph, tail, set())
     order = [makers[p] for p in points]
@@ -85,7 +94,12 @@ def plan_masked(traced: fx.GraphModule, surgery: Surgery, layer: str) -> MaskPla
     def wrap(out: fx.Graph, node: fx.Node, value: fx.Node, masks: list[fx.Node]) -> fx.Node:
         if node not in makers or makers[node] not in order:
             return value
-        return out.call_function(_zeroed, (value, masks[order.index(makers[node])]))
+        mask = masks[order.index(makers[node])]
+        if node not in mixing:
+            return out.call_function(_zeroed, (value, mask, channel_dim(modules[node.target])))
+        masked = out.call_function(without, (out.get_attr(node.target), value.args[0], mask))
+        out.erase_node(value)  # the norm's own call, replaced
+        return masked
 
     tail_module = fx.GraphModule(traced, tail_graph(graph, sides, constants, tail,
                                                     extra=len(order), wrap=wrap))
@@ -93,15 +107,15 @@ def plan_masked(traced: fx.GraphModule, surgery: Surgery, layer: str) -> MaskPla
 
 
 def _masks(surgery: Surgery, layer: str, points: list[str], candidates: Sequence[Candidate],
-           device: torch.device) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-    """Per point: (candidates, candidate rows, channels) to zero, for `candidates` in order (a
-    block zeroes the channels of all its units)."""
+           device: torch.device) -> list[Mask]:
+    """Per point: (candidates, candidate rows, channels) to mask, for `candidates` in order (a
+    block masks the channels of all its units)."""
     out = []
     for name in points:
         rows, cols = [], []
         for k, candidate in enumerate(candidates):
             for unit in candidate.units:
-                idxs = surgery.producing(layer, unit.channel)[name]
+                idxs = surgery.makers(layer, unit.channel)[name]
                 rows += [k] * len(idxs)
                 cols += idxs
         out.append((max(1, len(candidates)), torch.tensor(rows, device=device, dtype=torch.long),

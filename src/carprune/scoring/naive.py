@@ -41,6 +41,8 @@ class NaiveEngine:
               fit: ScoringSet | None = None) -> tuple[Scores, Scores]:
         """(base, candidates): tallies of the current network and of it without each
         candidate, its consumers refit on `fit` (default: `scoring`) when compensating."""
+        scoring = scoring.in_layout(surgery.layout)
+        fit = None if fit is None else fit.in_layout(surgery.layout)
         base = full_pass(surgery.model, scoring)
         p = None
         if self.compensate:

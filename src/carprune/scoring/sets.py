@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ..errors import CarpruneError
+from ..layout import arranged, layout_for
 
 
 @dataclass
@@ -34,7 +36,7 @@ class ScoringSet:
             x, y = torch.as_tensor(item[0]).float(), torch.as_tensor(item[1]).long()
             if x.ndim == 3:
                 x, y = x.unsqueeze(0), y.view(1)
-            batches.append((x.contiguous(memory_format=torch.channels_last), y))
+            batches.append((x, y))
         if not batches or sum(len(y) for _, y in batches) == 0:
             raise CarpruneError("the scoring set is empty; give at least one labelled image "
                                 "(check --score-samples and the data path)")
@@ -97,15 +99,25 @@ class ScoringSet:
         half = self.total // 2
         return self.subset(max(1, half)), self.after(half)
 
-    @torch.inference_mode()
+    def in_layout(self, layout: torch.memory_format) -> ScoringSet:
+        """The same images in the memory layout the network computes in (layout.py); the set
+        itself when they are."""
+        if all(x.is_contiguous(memory_format=layout) for x, _ in self.batches):
+            return self
+        return dataclasses.replace(self, batches=[(arranged(x, layout), y)
+                                                  for x, y in self.batches])
+
     def classified_by(self, model: torch.nn.Module) -> ScoringSet:
-        """The same images with as many classes as `model` outputs (one forward pass of the
-        example image); a label the model cannot predict is refused."""
-        outputs = int(model(self.example()).shape[-1])
+        """The same images in `model`'s layout, with as many classes as it outputs (one forward
+        pass of the example image); a label the model cannot predict is refused. The images
+        are made outside inference mode: gradient-based criteria read them."""
+        layout = layout_for(model, self.example())
+        with torch.inference_mode():
+            outputs = int(model(arranged(self.example(), layout)).shape[-1])
         if int(self.labels().max()) >= outputs:
             raise CarpruneError(f"a scoring label is {int(self.labels().max())} but the model "
                                 f"has {outputs} classes; use data that matches the model")
-        return ScoringSet(self.batches, outputs)
+        return ScoringSet(self.batches, outputs).in_layout(layout)
 
 
 @dataclass

@@ -267,8 +267,8 @@ def test_explain_run_checks_inputs_before_writing(baseline, fmnist, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(CarpruneError, match="no layer 'conv9'"):
         explain_run(baseline, fmnist, ["conv1", "conv9"], out, score_samples=N, progress=False)
-    with pytest.raises(CarpruneError, match="fc1.*not a prunable conv"):
-        explain_run(baseline, fmnist, ["fc1"], out, score_samples=N, progress=False)
+    with pytest.raises(CarpruneError, match="bn1.*not a prunable conv or linear layer"):
+        explain_run(baseline, fmnist, ["bn1"], out, score_samples=N, progress=False)
     with pytest.raises(CarpruneError, match="score-samples"):
         explain_run(baseline, fmnist, ["conv1"], out, score_samples=0, progress=False)
     with pytest.raises(CarpruneError, match="does not exist"):

@@ -85,7 +85,8 @@ def compare(model: nn.Module, data, layers: list[str], criteria_names: list[str]
     layer, so greedy CAR is not run twice."""
     scoring = ScoringSet.from_any(scoring if scoring is not None else data.val,
                                   data.num_classes).to(device_of(model))
-    sizes = {name: m.out_channels for name, m in model.named_modules() if name in layers}
+    surgery = Surgery(model, scoring.example())
+    sizes = {name: surgery.size(name) for name in layers}
     points = []
     jobs = [(layer, c) for layer in layers for c in criteria_names]
     bar = tqdm(jobs, desc="compare", unit="curve", disable=not progress)

@@ -344,7 +344,8 @@ class BenchConfig(DataOptions):
 class ExplainConfig(DataOptions):
     checkpoint: str = option(None, CHECKPOINT_HELP, positional=True)
     out: str = option(None, "output directory for report.html and its files", required=True)
-    layers: list[str] = option(None, "conv layers to explain", required=True)
+    layers: list[str] = option(None, "conv or hidden linear layers to explain",
+                               required=True)
     prune_run: str | None = option(None, "a carprune prune output directory: mark its CAR "
                                    "removal order")
     score_samples: int | None = option(None, "score on the first N val images only (default: "

@@ -29,14 +29,15 @@ def run(config: CompareConfig, data=None, known: dict | None = None) -> dict:
                             "through prune and explain; give it a data set held in memory "
                             "(fashion-mnist, or a factory returning TensorDatasets)")
     check_fits(model, data)
-    check_layers(Surgery(model, data.example(1)), config.layers)
+    surgery = Surgery(model, data.example(1))
+    check_layers(surgery, config.layers)
     train = first_images(data.train, config.train_samples, "--train-samples")
     points = compare.compare(model, data, config.layers, config.criteria, config.keep_grid,
                              retrain_epochs=config.retrain_epochs, seeds=config.seeds,
                              scoring=first_images(data.val, config.score_samples,
                                                   "--score-samples"),
                              train=train, known=known)
-    sizes = {name: m.out_channels for name, m in model.named_modules() if name in config.layers}
+    sizes = {name: surgery.size(name) for name in config.layers}
     summary = {"command": command_line(), "config": config.to_json(),
                "checkpoint": str(config.checkpoint),
                "retrain": {"epochs": config.retrain_epochs, "seeds": config.seeds,

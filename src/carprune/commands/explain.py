@@ -1,5 +1,6 @@
-"""`carprune explain`: what the filters of some layers do, as files a person reads (PNGs, one
-self-contained report.html) and files a program reads (CSV, JSON); interpret/ computes them."""
+"""`carprune explain`: what the filters (or hidden linear units) of some layers do, as files a
+person reads (PNGs, one self-contained report.html) and files a program reads (CSV, JSON);
+interpret/ computes them."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from torch import nn
 
 from .. import io
 from ..car import check_layers
+from ..classes import data_for
 from ..config import ExplainConfig
 from ..data import Data, check_fits, first_images, load_data
 from ..devices import resolve_device
@@ -20,6 +22,8 @@ from ..groups import Surgery
 from ..interpret.class_importance import ClassImportance
 from ..interpret.pictures import filter_grid
 from ..interpret.report import explain_layer, first_conv, page, points, removal_orders
+from ..interpret.specialised import run_classes, served
+from ..interpret.specialised import section as specialised_section
 from ..scoring import EngineOptions, ScoringSet, make_engine
 from .common import refuse_existing_output, table
 
@@ -48,12 +52,15 @@ def _validated(checkpoint_or_model, data: Data, layers: Sequence[str], out, prun
     if top_k < 1:
         raise CarpruneError(f"top_k must be at least 1 patch per filter, got {top_k}")
     model, source = _model(checkpoint_or_model)
+    data = data_for(model, data)
     check_fits(model, data)
-    check_layers(Surgery(model, data.example(1)), layers)
+    surgery = Surgery(model, data.example(1))
+    check_layers(surgery, layers)
     dataset = first_images(data.val, score_samples, "--score-samples")
-    orders = removal_orders(prune_run, model, layers)
+    orders = removal_orders(prune_run, {name: surgery.size(name) for name in layers})
+    kept = run_classes(prune_run, list(data.classes))
     refuse_existing_output(str(out))
-    return model, source, dataset, orders
+    return model, data, source, dataset, orders, kept
 
 
 def explain_run(checkpoint_or_model, data: Data, layers: Sequence[str], out: str | os.PathLike,
@@ -62,16 +69,20 @@ def explain_run(checkpoint_or_model, data: Data, layers: Sequence[str], out: str
                 progress: bool = True, device: torch.device | None = None) -> dict:
     """Explain the filters of `layers`: class importance (CSV, JSON, heat map), top patches, the
     first conv layer's filters, colour and diversity indices, and one self-contained
-    report.html, all in `out`. Every input is checked before anything is written.
+    report.html, all in `out`. Every input is checked before anything is written. A hidden
+    linear layer's units get the same but colour (None) and whole images for patches
+    (interpret/report.py, LINEAR_NOTE).
 
     checkpoint_or_model: a checkpoint directory, a shipped name, or an nn.Module.
     prune_run: a `carprune prune` output directory; its removal order annotates the pictures
-    (otherwise the one-shot CAR ranking stands in, removing half of each layer).
+    (otherwise the one-shot CAR ranking stands in, removing half of each layer). A run
+    specialised to some classes (--classes) adds, per layer, which of the dropped classes the
+    filters it removed served (interpret/specialised.py).
     score_samples: score on the first N validation images (default: all).
     device: where class importance is computed (default: the CPU); pictures are drawn on it.
     """
-    model, source, dataset, orders = _validated(checkpoint_or_model, data, layers, out,
-                                                prune_run, score_samples, engine, top_k)
+    model, data, source, dataset, orders, kept = _validated(
+        checkpoint_or_model, data, layers, out, prune_run, score_samples, engine, top_k)
     out = Path(out)
     scoring = ScoringSet.from_any(data.scoring_source(dataset), data.num_classes)
     images = torch.cat([x for x, _ in scoring.batches]).contiguous()
@@ -83,6 +94,9 @@ def explain_run(checkpoint_or_model, data: Data, layers: Sequence[str], out: str
         imp, info, layer_figures, table_csv, section = explain_layer(
             model, scoring, images, name, data, orders.get(name), name == grid_name, engine,
             top_k, seed, progress, device or torch.device("cpu"))
+        if kept is not None and name in orders:
+            info["specialisation"] = served(imp, orders[name], kept)
+            section += specialised_section(name, info["specialisation"])
         explained[name] = (imp, info)
         figures.update(layer_figures)
         texts[f"class_importance_{name}.csv"] = table_csv
@@ -98,17 +112,20 @@ def explain_run(checkpoint_or_model, data: Data, layers: Sequence[str], out: str
                "score_samples": scoring.total, "engine": engine,
                "prune_run": None if prune_run is None else str(prune_run),
                "first_conv": grid_name, "files": files,
+               "kept_classes": None if kept is None else [data.classes[c] for c in kept],
                "layers": {n: info for n, (_, info) in explained.items()}}
     for filename, payload in {**figures, **texts}.items():
         io.atomic_write(out / filename, payload)
     for name, (imp, _) in explained.items():
         io.write_json(out / f"class_importance_{name}.json", imp.to_json())
     io.write_json(out / "explain.json", summary)
-    _print_summary(explained, out)
+    _print_summary(explained, out, {n for n in layers
+                                    if isinstance(model.get_submodule(n), nn.Linear)})
     return summary
 
 
-def _print_summary(layers: dict[str, tuple[ClassImportance, dict]], out: Path) -> None:
+def _print_summary(layers: dict[str, tuple[ClassImportance, dict]], out: Path,
+                   linear: set[str]) -> None:
     rows = []
     for name, (imp, info) in layers.items():
         top = max(range(imp.num_filters), key=lambda f: (imp.car[f], -f))
@@ -120,7 +137,7 @@ def _print_summary(layers: dict[str, tuple[ClassImportance, dict]], out: Path) -
                      f"{low} ({points(imp.car[low])})",
                      f"{div['original']['mean_cosine_distance']:.3f} -> "
                      f"{div['CAR-kept']['mean_cosine_distance']:.3f}",
-                     "n/a (grey)" if colour is None else
+                     "n/a (linear)" if name in linear else "n/a (grey)" if colour is None else
                      f"{colour['colour_in_first']}/{colour['first']}"])
     print(table(rows, ["layer", "filters", "acc %", "most important (pts, class)",
                        "least important", "diversity -> CAR-kept", "colour in first removed"]))

@@ -181,14 +181,18 @@ def top_patches(model: nn.Module, images: torch.Tensor, layer: str, k: int = 6,
                 batch_size: int = 256) -> Patches:
     """The receptive-field patches of `images` (N, C, H, W) that excite each filter of `layer`
     most: per image its peak position, then the k images with the highest peaks (ties: lower
-    image index)."""
+    image index). The units of a linear layer are its output features (the last dimension,
+    peaks over any positions before it); their patches are whole images."""
     cut = activation_model(model, layer)
     rf = receptive_field(model, layer)
+    linear = isinstance(model.get_submodule(layer), nn.Linear)
     peaks, places = [], []
     width = 0
     for start in range(0, len(images), batch_size):
         act = cut(images[start:start + batch_size])
-        if act.ndim != 4:
+        if linear:
+            act = act.movedim(-1, 1).reshape(act.shape[0], act.shape[-1], -1)
+        elif act.ndim != 4:
             raise CarpruneError(f"layer {layer!r} does not output feature maps; choose a conv "
                                 "layer")
         width = act.shape[-1]
@@ -225,9 +229,10 @@ def _window(lo: int, hi: int, n: int, least: int) -> tuple[int, int]:
     return first, first + size
 
 
-def patch_tile(rgb: np.ndarray, box, tile: int = 48, least: int = 12) -> np.ndarray:
+def patch_tile(rgb: np.ndarray, box, tile: int = 48, least: int = 12,
+               frame: bool = True) -> np.ndarray:
     """The receptive field with some context (at least `least` pixels a side), enlarged to
-    tile x tile pixels, the receptive field framed in red."""
+    tile x tile pixels, the receptive field framed in red (`frame`)."""
     top, left, bottom, right = (int(v) for v in box)
     r0, r1 = _window(top, bottom, rgb.shape[0], least)
     c0, c1 = _window(left, right, rgb.shape[1], least)
@@ -239,6 +244,8 @@ def patch_tile(rgb: np.ndarray, box, tile: int = 48, least: int = 12) -> np.ndar
 
     t, b = at(top, r0, r1 - r0), at(bottom, r0, r1 - r0, end=1)
     lft, rgt = at(left, c0, c1 - c0), at(right, c0, c1 - c0, end=1)
+    if not frame:
+        return out
     out[t, lft:rgt + 1] = out[b, lft:rgt + 1] = RED
     out[t:b + 1, lft] = out[t:b + 1, rgt] = RED
     return out
@@ -246,8 +253,9 @@ def patch_tile(rgb: np.ndarray, box, tile: int = 48, least: int = 12) -> np.ndar
 
 def patch_strip(patches: Patches, f: int, images: torch.Tensor, mean=None, std=None,
                 tile: int = 48, gap: int = 2) -> np.ndarray:
-    """Filter f's patches side by side on white, strongest first."""
-    tiles = [patch_tile(to_rgb(images[i], mean, std), box, tile)
+    """Filter f's patches side by side on white, strongest first (whole images, unframed, where
+    a position sees all of the image)."""
+    tiles = [patch_tile(to_rgb(images[i], mean, std), box, tile, frame=patches.rf is not None)
              for i, box in zip(patches.image[f], patches.box[f], strict=True)]
     strip = np.ones((tile, len(tiles) * (tile + gap) - gap, 3))
     for n, t in enumerate(tiles):
@@ -266,14 +274,15 @@ def patches_figure(patches: Patches, images: torch.Tensor, mean=None, std=None) 
     ax = fig.add_subplot()
     ax.imshow(mosaic, interpolation="nearest")
     ax.set_yticks([f * (tile + gap) + tile / 2 for f in range(len(strips))],
-                  [f"filter {f}" for f in range(len(strips))], fontsize=8)
+                  [f"{'unit' if patches.rf is None else 'filter'} {f}"
+                   for f in range(len(strips))], fontsize=8)
     ax.set_xticks([n * (tile + 2) + tile / 2 for n in range(patches.image.shape[1])],
                   [f"#{n + 1}" for n in range(patches.image.shape[1])], fontsize=8)
     ax.tick_params(length=0)
-    size = "the whole image" if patches.rf is None else \
-        f"{patches.rf.size[0]}x{patches.rf.size[1]} px"
-    ax.set_title(f"{patches.layer}: the patches that excite each filter most\n"
-                 f"(receptive field {size}, framed in red)", fontsize=10)
+    title = "the images that excite each unit most\n(each sees the whole image)" \
+        if patches.rf is None else "the patches that excite each filter most\n(receptive " \
+        f"field {patches.rf.size[0]}x{patches.rf.size[1]} px, framed in red)"
+    ax.set_title(f"{patches.layer}: {title}", fontsize=10)
     return png(fig)
 
 

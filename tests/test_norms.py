@@ -6,7 +6,7 @@ loss and correctness, and the naive engine's ablated logits are the pruned netwo
 import pytest
 import torch
 import torchvision.models.convnext as tv_convnext
-from timm.layers import GroupNorm1, GroupNormAct, LayerNormAct2d
+from timm.layers import GroupNorm1, GroupNormAct, LayerNormAct2d, StdConv2d
 from timm.layers import LayerNorm2d as TimmLayerNorm2d
 from torch import nn
 
@@ -233,6 +233,18 @@ def test_layers_that_are_not_units_get_one_sentence():
     with pytest.raises(CarpruneError, match="removing 4 of 4 units would empty layer 'c1' "
                        r"\(a unit is one channel of each of its 8 channel groups\)"):
         grouped.remove("c1", range(4))
+
+
+def test_channels_read_by_a_weight_standardising_conv_are_refused():
+    # StdConv2d standardises each filter over its input channels: without one, the others'
+    # weights change, so zeroing is not removal; the conv's own filters are units as usual
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), StdConv2d(8, 8, 3), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    surgery = Surgery(randomised(net), IMAGES[:1])
+    with pytest.raises(CarpruneError, match="'0' is read by a StdConv2d, which standardises "
+                       "its weights over its input channels.* at 2; choose from: 2"):
+        surgery.check_layer("0")
+    assert surgery.prunable_layers() == ["2"]
 
 
 def test_naive_ablation_restores_the_network():

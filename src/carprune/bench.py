@@ -5,8 +5,8 @@ candidate, and the lower bound of the fast engine: per candidate and image, the 
 of the first operation the unit changes (after the consumer, or the masked tail), at the
 throughput this machine reaches on the whole network with its BatchNorms folded, as the fast
 engine's tails run (median of 3 full passes over the scoring set, right before the layer's
-fast engine runs). Per unit kind (plain, residual, depthwise, concat, branch): the same,
-summed.
+fast engine runs). Per unit kind (plain, residual, depthwise, concat, branch, and NEW_KINDS):
+the same, summed.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .car import Approximation, PruneResult, car_prune, resolve_keep
 from .data import IMAGENET_STATS, normalise
 from .groups import Surgery, Unit
+from .layout import arrange
 from .measure import module_macs
 from .scoring import Engine, EngineOptions, FastEngine, ScoringSet, make_engine
 from .scoring.graph import inference
@@ -31,6 +32,9 @@ from .scoring.naive import full_pass
 from .scoring.rule import rank
 from .train import evaluate
 
+# Unit kinds added by issue 32 (docs/engine.md): reported by their speed-up over naive; the
+# target of at most 2x the bound covers the kinds before them.
+NEW_KINDS = ("norm-mixed", "grouped", "linear")
 
 @dataclass
 class LayerBench:
@@ -102,8 +106,9 @@ def bench_layers(model: nn.Module, scoring: ScoringSet, layers: list[str], steps
     """Returns the per-layer figures and the median of the network's throughputs (MAC/s), each
     measured right before a layer's fast engine runs, so that a layer's bound and its fast
     seconds are taken under the same load of this shared machine."""
-    model = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)  # as engines run it
+    model = copy.deepcopy(model).eval()
     example = scoring.example()
+    scoring = scoring.in_layout(arrange(model, example))  # as engines run it
     macs = module_macs(model, example)
     total = sum(macs.values())
     run = inference(model)  # the whole network as fast as the tails run: BatchNorms folded
@@ -125,43 +130,61 @@ def bench_layers(model: nn.Module, scoring: ScoringSet, layers: list[str], steps
 
 
 def reference_networks(fmnist, images: int):
-    """The networks `carprune bench --kinds` measures, each with its scoring set: the shipped
-    convnet; resnet20, the depthwise mobilenet and the concatenating inception of the zoo,
-    trained one short epoch on
-    Fashion-MNIST (3 000 images: far from good, but their filters differ); torchvision's
-    resnet18 at 64 px, random weights, on 64 windows of the packages' photographs labelled by
-    its own predictions. `images`: the Fashion-MNIST scoring set. Yields (name, model,
-    scoring set)."""
+    """The networks `carprune bench --kinds` measures, each with its scoring set and the unit
+    kinds sampled in it (None: every kind): the shipped convnet; resnet20, the depthwise
+    mobilenet and the concatenating inception of the zoo, trained one short epoch on
+    Fashion-MNIST (3 000 images: far from good, but their filters differ), on the first
+    `images` val images; torchvision's resnet18 at 64 px, random weights, on 64 windows of the
+    packages' photographs labelled by its own predictions. For NEW_KINDS, their kinds only, at
+    64 px, random weights, on 16 such windows (the naive engine runs them at a few GMAC/s
+    here): timm's convnext_atto with nn.Linear MLPs (norm-mixed, linear) and regnetx_002
+    (grouped). Yields (name, model, scoring set, kinds)."""
+    import timm
     import torchvision
 
     from . import io
-    from .data import package_photos, photo_windows
     from .models import create_model
     from .train import fit
 
     val = ScoringSet.from_any(TensorDataset(*[t[:images] for t in fmnist.val.tensors]), 10)
-    yield "convnet-fmnist", io.load("convnet-fmnist"), val
+    yield "convnet-fmnist", io.load("convnet-fmnist"), val, None
     for name in ("resnet20", "mobilenet", "inception"):
         torch.manual_seed(0)
         model = create_model(name)
         fit(model, TensorDataset(*[t[:3000] for t in fmnist.train.tensors]), epochs=1,
             progress=False)
-        yield name, model.eval(), val
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18().eval()
+        yield name, model.eval(), val, None
+    for name, make, windows, kinds in (
+            ("torchvision resnet18", torchvision.models.resnet18, 64, None),
+            ("timm convnext_atto", lambda: timm.create_model(
+                "convnext_atto", pretrained=False, conv_mlp=False), 16, NEW_KINDS),
+            ("timm regnetx_002", lambda: timm.create_model(
+                "regnetx_002", pretrained=False), 16, NEW_KINDS)):
+        torch.manual_seed(0)
+        model = make().eval()
+        yield f"{name} (64 px)", model, _photo_scoring(model, windows), kinds
+
+
+def _photo_scoring(model: nn.Module, windows: int) -> ScoringSet:
+    """`windows` windows of 64 px of the packages' photographs, labelled by `model`'s
+    predictions."""
+    from .data import package_photos, photo_windows
+
     x, _ = photo_windows(package_photos(), per_photo=32, size=64)
-    x = normalise(x[:64], *IMAGENET_STATS)
+    x = normalise(x[:windows], *IMAGENET_STATS)
     with torch.inference_mode():
         y = model(x).argmax(1)
-    yield "torchvision resnet18 (64 px)", model, ScoringSet.from_any(TensorDataset(x, y), 1000)
+    return ScoringSet.from_any(TensorDataset(x, y), 1000)
 
 
-def sample_layers(surgery: Surgery, widest: int = 256) -> list[str]:
-    """Per unit kind, its first layer and its last of at most `widest` filters."""
+def sample_layers(surgery: Surgery, widest: int = 256, kinds=None) -> list[str]:
+    """Per unit kind (of `kinds`, or every kind), its first layer and its last of at most
+    `widest` units."""
     by_kind: dict[str, list[str]] = {}
-    layers = surgery.conv_layers()
+    layers = surgery.prunable_layers()
     for name in layers:
-        if name == layers[0] or surgery.size(name) <= widest:
+        if (name == layers[0] or surgery.size(name) <= widest) and \
+                (kinds is None or surgery.kind(name) in kinds):
             by_kind.setdefault(surgery.kind(name), []).append(name)
     return [n for names in by_kind.values() for n in dict.fromkeys((names[0], names[-1]))]
 
@@ -177,7 +200,7 @@ def by_kind(rows: list[LayerBench]) -> list[dict]:
                     "candidates": sum(r.candidates for r in mine), "naive_seconds": naive,
                     "fast_seconds": fast, "bound_seconds": bound, "speedup": naive / fast,
                     "fast_over_bound": fast / bound if bound else None,
-                    "identical": all(r.identical for r in mine)})
+                    "identical": all(r.identical for r in mine), "new": kind in NEW_KINDS})
     return out
 
 
@@ -214,7 +237,8 @@ def approximations(model: nn.Module, scoring: ScoringSet, test, exact: PruneResu
 def run_candidates(model: nn.Module, layers: list[str], keep: float) -> dict[str, int]:
     """Candidates exact greedy CAR scores taking each layer to `keep`: n + (n-1) + ... down to
     one above the target."""
-    sizes = {name: m.out_channels for name, m in model.named_modules() if name in layers}
+    sizes = {name: getattr(m, "out_channels", getattr(m, "out_features", 0))
+             for name, m in model.named_modules() if name in layers}
     return {name: sum(range(resolve_keep(keep, n, name) + 1, n + 1))
             for name, n in sizes.items()}
 

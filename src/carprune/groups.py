@@ -2,9 +2,8 @@
 
 A *unit* of a conv or linear layer is what Torch-Pruning removes together (docs/engine.md,
 "Units"): one output channel, or, where the layer's group holds grouped convolutions or
-GroupNorms, the same channel of each of their G groups; with everything the
-`DependencyGraph` says must go with it (norm channels, coupled residual producers, consumers'
-input channels). Two operations:
+GroupNorms, the same channel of each of their G groups; with everything the `DependencyGraph`
+says must go with it (norm channels, residual producers, consumers' inputs). Two operations:
 
 - *ablate*: zero every producing parameter of the group (conv/linear weight rows and biases,
   norm scales and shifts), so the channels are identically zero downstream, and compute the
@@ -205,8 +204,9 @@ class Surgery:
             return ("makes the network's outputs (no layer reads its channels): removing one "
                     "would remove an output, not a filter")
         for dep, _ in self.unit_group(layer, 0):
-            if is_mixing(dep.target.module) and unsupported(dep.target.module):
-                return f"{unsupported(dep.target.module)}, at {self.names[dep.target.module]}"
+            why = unsupported(dep.target.module, self.dg.is_in_channel_pruning_fn(dep.handler))
+            if why:
+                return f"{why}, at {self.names[dep.target.module]}"
         return self._uneven(layer)
 
     def _uneven(self, layer: str) -> str | None:

@@ -40,9 +40,16 @@ def channel_dim(m: nn.Module) -> int:
     return 1
 
 
-def unsupported(m: nn.Module) -> str | None:
-    """Why carprune cannot compute this mixing norm without some of its channels, or None."""
+def unsupported(m: nn.Module, reads: bool = False) -> str | None:
+    """Why carprune cannot compute this module without some of its channels, or None: a norm
+    that mixes them in a way it does not know, or (`reads`: it reads them) a conv that
+    standardises its weights over its input channels (timm's StdConv2d, ScaledStdConv2d)."""
     kind = type(m).__name__
+    if reads and "StdConv" in kind:
+        return (f"is read by a {kind}, which standardises its weights over its input channels, "
+                "so removing one reweighs the others (carprune cannot score that as removal)")
+    if not is_mixing(m):
+        return None
     if isinstance(m, nn.GroupNorm):
         known = kind in _GROUP_NORMS
     else:

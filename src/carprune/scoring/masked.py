@@ -65,9 +65,11 @@ def mask_points(traced: fx.GraphModule, surgery: Surgery,
                 layer: str) -> tuple[dict[fx.Node, str], list[fx.Node]] | None:
     """The nodes of the modules whose outputs `layer`'s units change (node -> name), and
     those a mask must zero or, for norms that mix channels, recompute; None where such a module
-    is not called exactly once."""
+    is not called exactly once. Units may change different modules (a GhostNet residual: some
+    channels come from a primary conv, the others from its cheap depthwise one): all count."""
     makers = {}
-    for name in surgery.makers(layer, 0):
+    for name in dict.fromkeys(n for u in range(surgery.size(layer))
+                              for n in surgery.makers(layer, u)):
         node = module_node(traced.graph, name)
         if node is None:
             return None
@@ -115,7 +117,7 @@ def _masks(surgery: Surgery, layer: str, points: list[str], candidates: Sequence
         rows, cols = [], []
         for k, candidate in enumerate(candidates):
             for unit in candidate.units:
-                idxs = surgery.makers(layer, unit.channel)[name]
+                idxs = surgery.makers(layer, unit.channel).get(name, [])
                 rows += [k] * len(idxs)
                 cols += idxs
         out.append((max(1, len(candidates)), torch.tensor(rows, device=device, dtype=torch.long),

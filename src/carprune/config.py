@@ -327,9 +327,10 @@ class BenchConfig(DataOptions):
     steps: int = option(3, "greedy steps per layer (default 3)", at_least(1))
     score_samples: int | None = option(None, "score on the first N val images only", positive)
     keep: float = option(0.5, "keep for the whole timed run", keep_value, type=number)
-    kinds: bool = option(False, "bench every unit kind (plain, residual, depthwise, concat) on "
-                         "the reference networks (convnet-fmnist, resnet20, mobilenet, inception, "
-                         "torchvision resnet18 at 64 px) instead of one checkpoint's layers")
+    kinds: bool = option(False, "bench every unit kind on the reference networks "
+                         "(convnet-fmnist, resnet20, mobilenet, inception; torchvision resnet18, "
+                         "timm convnext_atto and regnetx_002 at 64 px) instead of one "
+                         "checkpoint's layers")
     whole_run: bool = option(False, "also time exact fast CAR of every layer to --keep, end to "
                              "end (about 4 more minutes on two cores)")
     approx: bool = option(False, "also run the approximate modes and report their agreement "

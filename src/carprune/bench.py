@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .car import Approximation, PruneResult, car_prune, resolve_keep
 from .data import IMAGENET_STATS, normalise
-from .groups import Surgery, Unit
+from .groups import Surgery, Unit, out_width
 from .layout import arrange
 from .measure import module_macs
 from .scoring import Engine, EngineOptions, FastEngine, ScoringSet, make_engine
@@ -237,8 +237,7 @@ def approximations(model: nn.Module, scoring: ScoringSet, test, exact: PruneResu
 def run_candidates(model: nn.Module, layers: list[str], keep: float) -> dict[str, int]:
     """Candidates exact greedy CAR scores taking each layer to `keep`: n + (n-1) + ... down to
     one above the target."""
-    sizes = {name: getattr(m, "out_channels", getattr(m, "out_features", 0))
-             for name, m in model.named_modules() if name in layers}
+    sizes = {name: out_width(m) for name, m in model.named_modules() if name in layers}
     return {name: sum(range(resolve_keep(keep, n, name) + 1, n + 1))
             for name, n in sizes.items()}
 

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from .errors import CarpruneError
-from .groups import dependency_graph
+from .groups import dependency_graph, out_width
 from .scoring import ScoringSet
 
 LISTED = 40  # class names an error lists in full; a longer list is cut
@@ -197,10 +197,6 @@ def data_for(model: nn.Module, data):
     return kept.data(data)
 
 
-def _width(module: nn.Module) -> int:
-    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
-
-
 def _trim(model: nn.Module, name: str, keep: Sequence[int], example: torch.Tensor) -> list:
     """Remove every output of layer `name` but `keep`, in place, through Torch-Pruning (so
     that the layers it feeds follow); returns the pruning history entries of the removal.
@@ -209,7 +205,7 @@ def _trim(model: nn.Module, name: str, keep: Sequence[int], example: torch.Tenso
     with torch.enable_grad():
         dg = dependency_graph(model, example)
     module = model.get_submodule(name)
-    dropped = sorted(set(range(_width(module))) - set(keep))
+    dropped = sorted(set(range(out_width(module))) - set(keep))
     dg.get_pruning_group(module, dg.get_pruner_of_module(module).prune_out_channels,
                          dropped).prune()
     return [[n, bool(out), [int(i) for i in idx]] for n, out, idx in dg.pruning_history()]
@@ -225,7 +221,7 @@ def trimmed(model: nn.Module, subset: ClassSubset,
     with torch.inference_mode():
         whole = model(example)[:, list(subset.indices)]
     candidates = [n for n, m in reversed(list(model.named_modules()))
-                  if isinstance(m, (nn.Linear, nn.Conv2d)) and _width(m) == subset.of]
+                  if isinstance(m, (nn.Linear, nn.Conv2d)) and out_width(m) == subset.of]
     for name in candidates:
         narrow = copy.deepcopy(model)
         try:

@@ -89,7 +89,7 @@ def replay_history(model: nn.Module, input_shape: Sequence[int], history: list) 
                             f"architecture ({exc}); restore the model.json of the run") from None
 
 
-def _width(m: nn.Module) -> int:
+def out_width(m: nn.Module) -> int:
     return m.out_features if isinstance(m, nn.Linear) else m.out_channels
 
 
@@ -154,7 +154,7 @@ class Surgery:
         self.modules = dict(self.model.named_modules())
         self.names = {m: n for n, m in self.modules.items()}
         self.original: dict[str, list[int]] = {
-            name: list(range(_width(m))) for name, m in self.modules.items()
+            name: list(range(out_width(m))) for name, m in self.modules.items()
             if isinstance(m, LAYERS)}
         self.alive = _Alive(self)
         # (layer, original unit indices, names of every module its group changed) per removal
@@ -235,7 +235,7 @@ class Surgery:
 
     def width(self, layer: str) -> int:
         """The layer's output channels now."""
-        return _width(self.modules[layer])
+        return out_width(self.modules[layer])
 
     def size(self, layer: str) -> int:
         """The layer's units now."""

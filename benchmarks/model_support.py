@@ -246,7 +246,9 @@ def verdict(row: dict) -> str:
     if "error" in row:
         return row["error"]
     gap = max(row["logit_gap"], row["loss_gap"])
-    missed = [(row["refused"], f"CAR refuses {len(row['refused'])} of Torch-Pruning's layers"),
+    first = next(iter(row["refused"].items()), ("", ""))
+    missed = [(row["refused"], f"CAR refuses {len(row['refused'])} of Torch-Pruning's layers "
+                               f"({first[0]} {first[1]})"),
               (gap >= TOLERANCE, f"scoring differs from removal by {gap:.1e} (relative)"),
               (not row["correct"], "scoring and removal disagree on an image's correctness"),
               (not row["fast_is_naive"], "the fast and the naive engine pick different units"),

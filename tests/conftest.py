@@ -1,6 +1,11 @@
 from __future__ import annotations
 
+import dataclasses
+import subprocess
+import sys
+import warnings
 from collections import OrderedDict
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +13,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import carprune as cp
+from carprune import cli
 
 
 @pytest.fixture(scope="session")
@@ -20,8 +26,80 @@ def baseline() -> nn.Module:
     return cp.load("convnet-fmnist")
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def _python_warning_filters() -> None:
+    """The warning filters of a plain `python` run (what pytest set is put aside)."""
+    warnings.resetwarnings()
+    for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning,
+                     ResourceWarning):
+        warnings.simplefilter("ignore", category, append=True)
+    warnings.simplefilter("default", append=True)
+    warnings.showwarning = _show_warning
+
+
+def _forget_modules(names: set[str], folder: Path) -> None:
+    """Unload the modules of `names` read from `folder`, so that another test's folder can hold
+    a module of the same name."""
+    for name in names:
+        file = getattr(sys.modules[name], "__file__", None)
+        if file and Path(file).is_relative_to(folder):
+            del sys.modules[name]
+
+
+@pytest.fixture
+def carprune_cli(capsys, monkeypatch):
+    """`carprune ARGS` run in this process instead of `python -m carprune ARGS`, without its
+    seconds of imports: a CompletedProcess with the exit status (cli.main's SystemExit),
+    stdout and stderr (warnings shown as the command shows them). `path`: a folder the run
+    imports factories from (PYTHONPATH); its modules are forgotten afterwards. What cli.main
+    sets for the whole process (torch's threads and deterministic algorithms, the warning
+    format) and the random state are put back when the test ends."""
+    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(), warnings.formatwarning,
+             torch.random.get_rng_state())
+
+    def run(*args, path: Path | None = None) -> subprocess.CompletedProcess:
+        if path is not None:
+            monkeypatch.syspath_prepend(str(path))
+        before = set(sys.modules)
+        capsys.readouterr()
+        with warnings.catch_warnings():
+            _python_warning_filters()
+            try:
+                cli.main([str(a) for a in args])
+                code = 0
+            except SystemExit as exc:
+                code = exc.code or 0
+        out, err = capsys.readouterr()
+        if path is not None:
+            _forget_modules(set(sys.modules) - before, Path(path))
+        return subprocess.CompletedProcess(["carprune", *args], code, out, err)
+
+    yield run
+    threads, deterministic, warn_only, formatwarning, rng = saved
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    warnings.formatwarning = formatwarning
+    torch.random.set_rng_state(rng)
+
+
 def subset(ds: TensorDataset, n: int, start: int = 0) -> TensorDataset:
     return TensorDataset(*[t[start:start + n] for t in ds.tensors])
+
+
+def small_fashion_mnist() -> cp.data.Data:
+    """A thousand images a split, for the commands the tests start as processes (`--data
+    SMALL_DATA`): they measure accuracies on them in a fraction of the full set's time."""
+    data = cp.data.fashion_mnist()
+    return dataclasses.replace(data, name="fashion-mnist-small",
+                               **{s: subset(getattr(data, s), 1000)
+                                  for s in ("train", "val", "test")})
+
+
+SMALL_DATA = "tests.conftest:small_fashion_mnist"
 
 
 def quick_trained(name: str, data: cp.data.Data, n: int = 3000, **kwargs) -> nn.Module:

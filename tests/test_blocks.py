@@ -10,10 +10,11 @@ import torch.nn.functional as F
 
 from carprune import measure
 from carprune.car import Approximation, Budget, EngineOptions, Resume, global_car_prune
-from carprune.groups import Block, Surgery, Unit
+from carprune.groups import Surgery
 from carprune.scoring import FastEngine, NaiveEngine, ScoringSet, compensation
 from carprune.scoring.first_order import first_order
 from carprune.scoring.rule import key
+from carprune.units import Block, Unit
 
 from .conftest import subset
 

@@ -8,14 +8,16 @@ import torch
 import carprune as cp
 from carprune.measure import macs_params
 
+from .conftest import SMALL_DATA, small_fashion_mnist
+
 
 def run(*args):
     return subprocess.run([sys.executable, "-m", "carprune", *args], capture_output=True,
                           text=True, timeout=900)
 
 
-def test_help_lists_the_commands():
-    out = run("--help").stdout
+def test_help_lists_the_commands(carprune_cli):
+    out = carprune_cli("--help").stdout
     for command in ("train", "evaluate", "prune"):
         assert command in out
 
@@ -36,9 +38,9 @@ def test_help_lists_the_commands():
     (["--target-macs", "0.5", "--round-to", "0"], "--round-to must be a whole number"),
     (["--layers", "conv1", "--criterion", "l2", "--compensate"], "does not apply to"),
 ])
-def test_prune_bad_input_exit_2_and_no_output(tmp_path, args, words):
+def test_prune_bad_input_exit_2_and_no_output(tmp_path, carprune_cli, args, words):
     out = tmp_path / "run"
-    proc = run("prune", "convnet-fmnist", "--out", str(out), *args)
+    proc = carprune_cli("prune", "convnet-fmnist", "--out", str(out), *args)
     assert proc.returncode == 2, proc.stderr
     assert words in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -46,6 +48,7 @@ def test_prune_bad_input_exit_2_and_no_output(tmp_path, args, words):
 
 
 def test_data_that_does_not_fit_the_model(tmp_path):
+    """A real `python -m carprune` process: its exit status is 2 (the others run in-process)."""
     from PIL import Image
 
     for cls in ("a", "b"):
@@ -59,10 +62,11 @@ def test_data_that_does_not_fit_the_model(tmp_path):
 
 
 @pytest.mark.slow
-def test_prune_end_to_end_outputs(tmp_path, fmnist):
+def test_prune_end_to_end_outputs(tmp_path):
     out = tmp_path / "run"
-    proc = run("prune", "convnet-fmnist", "--layers", "conv1", "conv2", "--keep", "0.75",
-               "--score-samples", "300", "--finetune-epochs", "0", "--out", str(out))
+    proc = run("prune", "convnet-fmnist", "--data", SMALL_DATA, "--layers", "conv1", "conv2",
+               "--keep", "0.75", "--score-samples", "150", "--finetune-epochs", "0", "--out",
+               str(out))
     assert proc.returncode == 0, proc.stderr
     result = json.loads((out / "result.json").read_text())
     model = cp.load(out)
@@ -74,9 +78,10 @@ def test_prune_end_to_end_outputs(tmp_path, fmnist):
     removed = result["layers"]["conv2"]["removed"]
     assert len(removed) == 16 == len(set(removed))
     assert result["layers"]["conv2"]["steps"][0]["candidates"] == list(range(64))
-    acc = cp.evaluate(model, fmnist.test).accuracy
+    test = small_fashion_mnist().test
+    acc = cp.evaluate(model, test).accuracy
     assert acc == pytest.approx(result["accuracy"]["test_finetuned"], abs=1e-12)
-    x = fmnist.test.tensors[0][:8]
+    x = test.tensors[0][:8]
     assert torch.equal(model(x), cp.load(out)(x))
 
 

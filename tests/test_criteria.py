@@ -55,8 +55,8 @@ def test_every_criterion_prunes_through_the_same_path(baseline, fmnist):
 
 @pytest.mark.slow
 def test_compare_rows_and_car_curve(baseline, fmnist):
-    data = dataclasses.replace(fmnist, val=subset(fmnist.val, 300),
-                               test=subset(fmnist.test, 1000))
+    data = dataclasses.replace(fmnist, val=subset(fmnist.val, 150),
+                               test=subset(fmnist.test, 500))
     grid = [1.0, 0.5, 0.25]
     points = compare.compare(baseline, data, ["conv1"], CRITERIA, grid, seeds=2,
                              progress=False)

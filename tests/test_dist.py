@@ -11,8 +11,10 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-ARGS = ["prune", "convnet-fmnist", "--layers", "conv3", "conv1", "--keep", "0.875",
-        "--score-samples", "256", "--finetune-epochs", "0"]
+from .conftest import SMALL_DATA
+
+ARGS = ["prune", "convnet-fmnist", "--data", SMALL_DATA, "--layers", "conv3", "conv1", "--keep",
+        "0.875", "--score-samples", "160", "--finetune-epochs", "0"]
 
 
 def run(out, nproc, extra=()):

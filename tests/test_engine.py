@@ -114,7 +114,8 @@ def test_memory_budget_chunking_gives_the_same_answer(baseline, scoring):
 @pytest.mark.parametrize("layers, keep, compensate", [(["conv3", "conv1"], 0.875, False),
                                                       (["conv2"], 60, True)])
 def test_identical_pick_sequences_convnet(baseline, scoring, layers, keep, compensate):
-    naive, fast = (car_prune(baseline, scoring, layers, keep=keep,
+    few = scoring.subset(200)
+    naive, fast = (car_prune(baseline, few, layers, keep=keep,
                              engine=EngineOptions(engine, compensate=compensate), progress=False)
                    for engine in ("naive", "fast"))
     for name in layers:
@@ -125,9 +126,10 @@ def test_identical_pick_sequences_convnet(baseline, scoring, layers, keep, compe
 @pytest.mark.slow
 def test_identical_pick_sequences_resnet(small_resnet, scoring):
     layers = ["layer3.1.conv1", "layer1.2.conv1", "layer1.0.conv2"]
-    naive = car_prune(small_resnet, scoring, layers, keep=0.75, engine=EngineOptions("naive"),
+    few = scoring.subset(200)
+    naive = car_prune(small_resnet, few, layers, keep=0.75, engine=EngineOptions("naive"),
                       progress=False)
-    fast = car_prune(small_resnet, scoring, layers, keep=0.75, engine=EngineOptions("fast"),
+    fast = car_prune(small_resnet, few, layers, keep=0.75, engine=EngineOptions("fast"),
                      progress=False)
     for name in layers:
         assert naive.layers[name].removed == fast.layers[name].removed
@@ -138,7 +140,7 @@ def test_identical_pick_sequences_resnet(small_resnet, scoring):
                                           ("mobilenet", ["block2.pw.conv", "stem.conv"]),
                                           ("inception", ["mixed1.branch3.conv", "stem.conv"])])
 def test_identical_pick_sequences_every_kind(zoo, scoring, name, layers):
-    few = scoring.subset(200)
+    few = scoring.subset(100)
     naive, fast = (car_prune(zoo[name], few, layers, keep=0.75, engine=EngineOptions(engine),
                              progress=False)
                    for engine in ("naive", "fast"))

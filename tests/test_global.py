@@ -3,8 +3,6 @@ Torch-Pruning."""
 
 import copy
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -306,21 +304,19 @@ def tiny_factory() -> nn.Module:
 
 
 @pytest.mark.slow
-def test_factory_model_through_the_cli(tmp_path, fmnist):
+def test_factory_model_through_the_cli(tmp_path, fmnist, carprune_cli):
     torch.manual_seed(0)
     model = tiny_factory()
     cp.fit(model, subset(fmnist.train, 2000), epochs=1, progress=False)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "w.st")
     torch.save(model.state_dict(), tmp_path / "w.pt")
-    base = [sys.executable, "-m", "carprune", "prune", "--model",
-            "tests.test_global:tiny_factory", "--score-samples", "200", "--finetune-epochs",
-            "0"]
-    proc = subprocess.run([*base, "--weights", str(tmp_path / "w.pt"), "--layers", "0",
-                           "--out", str(tmp_path / "p")], capture_output=True, text=True)
+    base = ["prune", "--model", "tests.test_global:tiny_factory", "--score-samples", "200",
+            "--finetune-epochs", "0"]
+    proc = carprune_cli(*base, "--weights", tmp_path / "w.pt", "--layers", "0", "--out",
+                        tmp_path / "p")
     assert proc.returncode == 2 and "--trust-pickle" in proc.stderr
-    proc = subprocess.run([*base, "--weights", str(tmp_path / "w.st"), "--target-macs", "0.7",
-                           "--labels", "model", "--out", str(tmp_path / "run")],
-                          capture_output=True, text=True)
+    proc = carprune_cli(*base, "--weights", tmp_path / "w.st", "--target-macs", "0.7",
+                        "--labels", "model", "--out", tmp_path / "run")
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert result["model"]["macs_after"] <= 0.7 * result["model"]["macs_before"]

@@ -6,8 +6,6 @@ import hashlib
 import json
 import random
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -187,13 +185,12 @@ def test_memory_budget_checked_before_starting(baseline, fmnist):
                      engine=cp.EngineOptions(memory_budget=10 * 2**20), progress=False)
 
 
-def test_cli_damaged_checkpoint_one_line_exit_2(checkpoint, tmp_path):
+def test_cli_damaged_checkpoint_one_line_exit_2(checkpoint, tmp_path, carprune_cli):
     case = tmp_path / "case"
     shutil.copytree(checkpoint, case)
     blob = bytearray((case / "model.safetensors").read_bytes())
     blob[-10] ^= 0x40
     (case / "model.safetensors").write_bytes(bytes(blob))
-    proc = subprocess.run([sys.executable, "-m", "carprune", "evaluate", str(case)],
-                          capture_output=True, text=True, timeout=300)
+    proc = carprune_cli("evaluate", str(case))
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "checksum" in proc.stderr

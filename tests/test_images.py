@@ -18,14 +18,9 @@ from carprune.data.folders import eval_transform, read_rgb
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def cli(*args, env_path=None):
-    env = None
-    if env_path is not None:
-        import os
-
-        env = {**os.environ, "PYTHONPATH": f"{env_path}:{os.environ.get('PYTHONPATH', '')}"}
+def cli(*args):
     return subprocess.run([sys.executable, "-m", "carprune", *args], capture_output=True,
-                          text=True, timeout=900, env=env)
+                          text=True, timeout=900)
 
 
 def expected(rgb) -> torch.Tensor:
@@ -116,7 +111,7 @@ def rgb_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("bad", ["text", "truncated"])
-def test_a_bad_file_is_one_sentence_with_exit_2(tmp_path, rgb_checkpoint, bad):
+def test_a_bad_file_is_one_sentence_with_exit_2(tmp_path, rgb_checkpoint, carprune_cli, bad):
     imgs = folder(tmp_path / "imgs", per_class=6)
     if bad == "text":
         (imgs / "a" / "notes.jpg").write_text("not an image")
@@ -126,8 +121,8 @@ def test_a_bad_file_is_one_sentence_with_exit_2(tmp_path, rgb_checkpoint, bad):
                         ).save(full, quality=95)
         (imgs / "a" / "cut.jpg").write_bytes(full.read_bytes()[:600])
     out = tmp_path / "eval.json"
-    proc = cli("evaluate", str(rgb_checkpoint), "--data", str(imgs), "--split", "train",
-               "--workers", "1", "--json", str(out))
+    proc = carprune_cli("evaluate", str(rgb_checkpoint), "--data", str(imgs), "--split",
+                        "train", "--workers", "1", "--json", str(out))
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot be read" in lines[0] and "remove or replace it" in \
@@ -146,7 +141,7 @@ def test_mixed_sizes_evaluate_with_the_saved_preprocessing(tmp_path, rgb_checkpo
     assert got["accuracy"] == want.accuracy and got["preprocess"]["size"] == 32
 
 
-def test_data_from_a_factory(tmp_path, fmnist):
+def test_data_from_a_factory(tmp_path, fmnist, carprune_cli):
     (tmp_path / "mydata.py").write_text(textwrap.dedent("""
         import carprune as cp
         from torch.utils.data import TensorDataset
@@ -157,17 +152,17 @@ def test_data_from_a_factory(tmp_path, fmnist):
             return {"train": cut(d.train), "val": cut(d.val), "test": cut(d.test)}
     """))
     out = tmp_path / "eval.json"
-    proc = cli("evaluate", "convnet-fmnist", "--data", "mydata:splits", "--json", str(out),
-               env_path=tmp_path)
+    proc = carprune_cli("evaluate", "convnet-fmnist", "--data", "mydata:splits", "--json",
+                        str(out), path=tmp_path)
     assert proc.returncode == 0, proc.stderr
     want = cp.evaluate(cp.load("convnet-fmnist"),
                        torch.utils.data.TensorDataset(*[t[:300] for t in fmnist.test.tensors]))
     assert json.loads(out.read_text())["accuracy"] == pytest.approx(want.accuracy, abs=1e-12)
-    proc = cli("evaluate", "convnet-fmnist", "--data", "mydata:nothing", env_path=tmp_path)
+    proc = carprune_cli("evaluate", "convnet-fmnist", "--data", "mydata:nothing", path=tmp_path)
     assert proc.returncode == 2 and "cannot load the data factory" in proc.stderr
 
 
-def test_a_pruned_factory_model_reloads_with_its_preprocessing(tmp_path):
+def test_a_pruned_factory_model_reloads_with_its_preprocessing(tmp_path, carprune_cli):
     """prune at 48 px, then evaluate with no --image-size: model.json's preprocessing is used,
     and the accuracy is the one prune reported."""
     (tmp_path / "nets.py").write_text(textwrap.dedent("""
@@ -178,16 +173,18 @@ def test_a_pruned_factory_model_reloads_with_its_preprocessing(tmp_path):
     """))
     imgs = folder(tmp_path / "imgs", per_class=20)
     run = tmp_path / "run"
-    proc = cli("prune", "--model", "nets:tiny", "--data", str(imgs), "--image-size", "48",
-               "--layers", "layer1.0.conv1", "--keep", "60", "--step", "2",
-               "--finetune-epochs", "0", "--workers", "1", "--out", str(run), env_path=tmp_path)
+    proc = carprune_cli("prune", "--model", "nets:tiny", "--data", str(imgs), "--image-size",
+                        "48", "--layers", "layer1.0.conv1", "--keep", "60", "--step", "2",
+                        "--finetune-epochs", "0", "--workers", "1", "--out", str(run),
+                        path=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "random weights" in proc.stderr
     result = json.loads((run / "result.json").read_text())
     spec = json.loads((run / "model.json").read_text())
     assert spec["preprocess"]["size"] == 48 and spec["input_shape"] == [3, 48, 48]
     out = tmp_path / "eval.json"
-    proc = cli("evaluate", str(run), "--data", str(imgs), "--json", str(out), env_path=tmp_path)
+    proc = carprune_cli("evaluate", str(run), "--data", str(imgs), "--json", str(out),
+                        path=tmp_path)
     assert proc.returncode == 0, proc.stderr
     evaluated = json.loads(out.read_text())
     assert evaluated["preprocess"]["size"] == 48

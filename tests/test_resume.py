@@ -28,10 +28,10 @@ from carprune.car import (
 from carprune.io import atomic_write
 from carprune.resume import STATE_DIR, RunState
 
-from .conftest import quick_trained, subset
+from .conftest import SMALL_DATA, quick_trained, subset
 
-ARGS = ["prune", "convnet-fmnist", "--layers", "conv3", "conv1", "--keep", "0.875",
-        "--score-samples", "150", "--train-samples", "1024", "--finetune-epochs", "4"]
+ARGS = ["prune", "convnet-fmnist", "--data", SMALL_DATA, "--layers", "conv3", "conv1", "--keep",
+        "0.875", "--score-samples", "150", "--train-samples", "512", "--finetune-epochs", "4"]
 
 
 def start(out, *extra, args=ARGS):
@@ -42,19 +42,33 @@ def start(out, *extra, args=ARGS):
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
+def at_work(proc) -> float | None:
+    """When `proc` began to prune or fine-tune (its first CAR or fine-tuning progress bar on
+    stderr), past the imports and data loading that every run repeats; None if it ended
+    first."""
+    seen = ""
+    while "CAR " not in seen and "fine-tune" not in seen:
+        chunk = os.read(proc.stderr.fileno(), 4096)
+        if not chunk:
+            return None
+        seen += chunk.decode(errors="replace")
+    return time.perf_counter()
+
+
 @pytest.mark.slow
 def test_sigkill_at_random_points_then_resume_matches_uninterrupted(tmp_path):
     ref = tmp_path / "ref"
-    began = time.perf_counter()
     proc = start(ref)
-    assert proc.wait(timeout=900) == 0, proc.stderr.read()
-    duration = time.perf_counter() - began
+    began = at_work(proc)
+    assert proc.wait(timeout=900) == 0 and began is not None, proc.stderr.read()
+    duration = time.perf_counter() - began  # of its work: pruning, fine-tuning, measuring
     reference = json.loads((ref / "result.json").read_text())
 
     out, kills, rng = tmp_path / "killed", 0, random.Random(7)
-    for _ in range(4):  # up to four kills at random instants, each run resuming the last
+    for _ in range(4):  # up to four kills at random instants of the work, each run resuming
         proc = start(out)
         try:
+            at_work(proc)
             proc.wait(timeout=rng.uniform(0.2, 0.8) * duration)
             break  # it finished before its kill
         except subprocess.TimeoutExpired:
@@ -170,14 +184,6 @@ def tiny(fmnist):
     return quick_trained("convnet", fmnist, n=2000, widths=(6, 8, 8), hidden=16)
 
 
-def small_fashion_mnist() -> cp.data.Data:
-    """A thousand images a split, for the global kill test's processes (--data)."""
-    data = cp.data.fashion_mnist()
-    return dataclasses.replace(data, name="fashion-mnist-small",
-                               **{s: subset(getattr(data, s), 1000)
-                                  for s in ("train", "val", "test")})
-
-
 def saved_rounds(out) -> int:
     state = out / STATE_DIR / "state.json"
     return len(json.loads(state.read_text())["global"]["rounds"]) if state.exists() else 0
@@ -206,7 +212,7 @@ def kill_when(proc, ready) -> None:
 @pytest.mark.slow
 def test_global_run_killed_in_its_first_round_and_later_resumes_identically(tiny, tmp_path):
     cp.save(tiny, tmp_path / "tiny")
-    args = ["prune", str(tmp_path / "tiny"), "--data", "tests.test_resume:small_fashion_mnist",
+    args = ["prune", str(tmp_path / "tiny"), "--data", SMALL_DATA,
             "--target-macs", "0.4", "--screen", "4", "--score-samples", "500",
             "--finetune-epochs", "0"]
     ref = tmp_path / "ref"

@@ -16,7 +16,8 @@ from torch.utils.data import TensorDataset
 
 import carprune as cp
 from carprune.criteria import importance
-from carprune.groups import Surgery, Unit, replay_history
+from carprune.dependency import replay_history
+from carprune.groups import Surgery, Unit
 from carprune.measure import unit_costs
 from carprune.scoring import EngineOptions, FastEngine, NaiveEngine, ScoringSet
 from carprune.scoring.first_order import first_order

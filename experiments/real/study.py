@@ -35,7 +35,6 @@ from .splits import Split, agreement, device_of
 
 FIRST_COLOUR = 20
 MIN_KEEP = 0.1
-TP_STEPS = 100
 BLOCK_RIDGE = 1e-2  # block CAR refits on a few windows: a ridge 100x --compensate's
 CURVE_MACS = (0.9, 0.7)  # global runs also measure agreement where they pass these MACs
 
@@ -129,7 +128,7 @@ def global_pruning(model: nn.Module, split: Split, args: argparse.Namespace) -> 
         if name == "car-compensate":
             pruned, residual = block_car(model, data, args, curve)
         else:
-            pruned = torch_pruning_global(model, x[:1], target, name[3:], TP_STEPS,
+            pruned = torch_pruning_global(model, x[:1], target, name[3:], args.tp_steps,
                                           data=(x, y), share=curve)
         seconds, share = time.perf_counter() - began - curve.seconds, curve(pruned)
         if name == "car-compensate":

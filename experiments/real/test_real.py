@@ -201,9 +201,9 @@ def test_alexnet_command_end_to_end(tmp_path):
     argv = ["--model", "torchvision.models:alexnet", "--weights", str(weights),
             "--layers", "features.0", "features.3", "--scoring-folder", str(scoring),
             "--test-folder", str(test), "--labels", "folder", "--size", "64",
-            "--scoring-images", "6", "--test-images", "6", "--global-images", "4",
+            "--scoring-images", "3", "--test-images", "6", "--global-images", "3",
             "--random-seeds", "2", "--block-fraction", "0.5", "--target-macs", "0.8",
-            "--no-progress", "--out", str(out)]
+            "--tp-steps", "20", "--no-progress", "--out", str(out)]
     assert main.main(argv) == 0
     result = json.loads((out / "real.json").read_text())["networks"]["torchvision.models:alexnet"]
     assert set(result["per_layer"]) == {"features.0", "features.3"}

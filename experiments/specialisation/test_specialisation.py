@@ -3,6 +3,7 @@ level of the MACs on the specialised network, the table's figures are the networ
 (medians of their seeds, scratch at subset CAR's widths), and the targets are arithmetic on
 the table."""
 
+import dataclasses
 import statistics
 
 import pytest
@@ -47,6 +48,9 @@ def test_every_method_reaches_the_level_and_the_table_is_its_own():
                       "--score-samples", "300", "--all-samples", "200", "--train-samples",
                       "256", "--step", "8", "--no-imagenet", "--no-progress"])
     model, data = cp.load("convnet-fmnist"), cp.data.fashion_mnist()
+    # val cut to the 300 images the CARs score on: Taylor's gradients then take the subset's
+    # among them, not its first 512 val images
+    data = dataclasses.replace(data, val=TensorDataset(*(t[:300] for t in data.val.tensors)))
     entry = subset_study(model, data, "easy", args)
     x, y = data.test.tensors
     mine = (y == 1) | (y == 7) | (y == 8)

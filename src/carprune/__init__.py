@@ -21,7 +21,6 @@ from .config import PruneConfig as PruneConfig
 from .criteria import CARImportance as CARImportance
 from .criteria import criterion_prune as criterion_prune
 from .errors import CarpruneError as CarpruneError
-from .groups import Block as Block
 from .groups import Surgery as Surgery
 from .groups import Unit as Unit
 from .io import build as build
@@ -32,6 +31,7 @@ from .scoring import ScoringSet as ScoringSet
 from .scoring.graph import inference as inference
 from .train import evaluate as evaluate
 from .train import fit as fit
+from .units import Block as Block
 
 __version__ = "0.1.0"
 

@@ -20,8 +20,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset, TensorDataset
 
+from .dependency import dependency_graph
 from .errors import CarpruneError
-from .groups import dependency_graph, out_width
+from .groups import out_width
 from .scoring import ScoringSet
 
 LISTED = 40  # class names an error lists in full; a longer list is cut

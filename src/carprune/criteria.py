@@ -166,6 +166,7 @@ class CARImportance(tp.importance.Importance):
         self.engine = engine
         self.classes, self.names = classes, getattr(data, "classes", None)
         self._task: tuple[str, ClassSubset, ScoringSet] | None = None
+        self._prunable: tuple[int, set[str]] | None = None  # (id of the model, its layers)
 
     @torch.no_grad()
     def __call__(self, group) -> torch.Tensor | None:
@@ -174,7 +175,9 @@ class CARImportance(tp.importance.Importance):
             return None
         surgery = Surgery.adopt(group._DG, self.scoring.example())
         name = surgery.names[root]
-        if surgery.why_not(name) is not None:
+        if self._prunable is None or self._prunable[0] != id(surgery.model):
+            self._prunable = id(surgery.model), set(surgery.prunable_layers())  # trials once
+        if name not in self._prunable[1]:
             return None
         size = surgery.size(name)
         channels = [int(i) for i in group[0].root_idxs]

@@ -18,7 +18,6 @@ import contextlib
 import copy
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch_pruning as tp
@@ -26,67 +25,19 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from .dependency import dependency_graph
 from .errors import CarpruneError
-from .layout import arrange, layout_for, own_forward
+from .layout import arrange, layout_for
 from .norms import is_mixing, removed, unsupported
+from .trial import refusals
+from .units import Unit
 
 NORMS = (_BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm)
 LAYERS = (nn.Conv2d, nn.Linear)
 
 
-@dataclass(frozen=True)
-class Unit:
-    """Unit `channel` (current position; one channel, or one of each channel group) of the
-    conv or linear layer `layer`."""
-
-    layer: str
-    channel: int
-
-    @property
-    def units(self) -> tuple[Unit, ...]:
-        return (self,)
-
-
-@dataclass(frozen=True)
-class Block:
-    """Units `channels` (current positions) of layer `layer`, whose absence is scored jointly:
-    one candidate of global CAR's block mode."""
-
-    layer: str
-    channels: tuple[int, ...]
-
-    @property
-    def units(self) -> tuple[Unit, ...]:
-        return tuple(Unit(self.layer, c) for c in self.channels)
-
-
 def is_depthwise(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and m.groups == m.in_channels == m.out_channels > 1
-
-
-def dependency_graph(model: nn.Module, example_inputs: torch.Tensor) -> tp.DependencyGraph:
-    """Torch-Pruning's graph of which channels must go together, or one sentence why not,
-    blaming Torch-Pruning only when the network's own forward runs (`own_forward`)."""
-    own_forward(model, example_inputs)
-    try:
-        return tp.DependencyGraph().build_dependency(model, example_inputs, verbose=False)
-    except Exception as exc:  # noqa: BLE001 - Torch-Pruning raises many kinds on odd graphs
-        raise CarpruneError(f"Torch-Pruning cannot build the dependency graph of this network, "
-                            f"whose own forward runs ({type(exc).__name__}: {str(exc)[:200]}); "
-                            "it cannot be pruned here, see docs/models-and-data.md for the "
-                            "networks that work") from None
-
-
-def replay_history(model: nn.Module, input_shape: Sequence[int], history: list) -> None:
-    """Re-apply Torch-Pruning's recorded removals to a fresh instance of the architecture."""
-    model.eval()
-    dg = dependency_graph(model, torch.zeros(1, *input_shape))
-    try:
-        dg.load_pruning_history([[name, bool(out), [int(i) for i in idx]]
-                                 for name, out, idx in history])
-    except (AttributeError, IndexError, ValueError) as exc:
-        raise CarpruneError(f"the pruning history in model.json does not apply to this "
-                            f"architecture ({exc}); restore the model.json of the run") from None
 
 
 def out_width(m: nn.Module) -> int:
@@ -168,8 +119,8 @@ class Surgery:
         """Layers whose units can be pruned: every conv and linear layer that makes the
         channels of a dependency group, but depthwise convs and the classifier (docs/engine.md,
         "Units")."""
-        return [n for n, m in self.modules.items()
-                if isinstance(m, LAYERS) and self.why_not(n) is None]
+        layers = [n for n, m in self.modules.items() if isinstance(m, LAYERS)]
+        return [n for n in layers if self.why_not(n) is None]
 
     def conv_layers(self) -> list[str]:
         """The convs among `prunable_layers`."""
@@ -188,9 +139,18 @@ class Surgery:
         raise CarpruneError(f"layer {name!r} {why}; choose from: {pool}")
 
     def why_not(self, layer: str) -> str | None:
-        """Why the layer's channels are not units, or None when they are."""
+        """Why the layer's channels are not units, or None when they are. The first question
+        answers it for every layer: by its place in the graph, then by a trial removal of the
+        others, all at once (trial.py)."""
+        if not isinstance(self.modules.get(layer), LAYERS):
+            return "is not a conv or linear layer of the network"
         if layer not in self._refusals:
-            self._refusals[layer] = self._find_refusal(layer)
+            layers = [n for n, m in self.modules.items()
+                      if isinstance(m, LAYERS) and n not in self._refusals]
+            for name in layers:
+                self._refusals[name] = self._find_refusal(name)
+            self._refusals.update(refusals(self, [n for n in layers
+                                                  if self._refusals[n] is None]))
         return self._refusals[layer]
 
     def _find_refusal(self, layer: str) -> str | None:
@@ -211,6 +171,8 @@ class Surgery:
 
     def _uneven(self, layer: str) -> str | None:
         """Why some member's channel groups would become unequal when a unit goes, or None."""
+        if self.channel_groups(layer) == 1:
+            return None
         for u in range(self.size(layer)):
             for dep, idxs in self.unit_group(layer, u):
                 groups, width = _split(dep.target.module, dep.handler, self.dg)

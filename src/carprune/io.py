@@ -95,7 +95,7 @@ def build(spec: dict) -> nn.Module:
     model = create_model(arch["name"], **arch.get("kwargs", {}))
     history = spec.get("pruning_history") or []
     if history:
-        from .groups import replay_history
+        from .dependency import replay_history
 
         replay_history(model, spec["input_shape"], history)
     model.carprune_spec = spec

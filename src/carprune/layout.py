@@ -44,7 +44,7 @@ def layout_for(model: nn.Module, example: torch.Tensor) -> torch.memory_format:
             with torch.no_grad():
                 fast = trial(arranged(example, torch.channels_last))
         except Exception as exc:  # noqa: BLE001 - whatever the network's code raises here
-            why = f"({type(exc).__name__}: {_first_line(exc)})"
+            why = f"({type(exc).__name__}: {first_line(exc)})"
         else:
             why = _difference(_tensors(own), _tensors(fast))
     layout = torch.channels_last if why is None else torch.contiguous_format
@@ -82,7 +82,7 @@ def own_forward(model: nn.Module, example: torch.Tensor):
     except Exception as exc:  # noqa: BLE001 - whatever the network's code raises
         shape = "x".join(map(str, example.shape))
         raise CarpruneError(f"the network's own forward fails on a {shape} example "
-                            f"({type(exc).__name__}: {_first_line(exc)}){_where(exc)}; fix "
+                            f"({type(exc).__name__}: {first_line(exc)}){_where(exc)}; fix "
                             "its forward, or give images of the size it expects") from exc
 
 
@@ -110,7 +110,7 @@ def _where(exc: BaseException) -> str:
     return f" in {shown}:{frames[-1].lineno}"
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     return (str(exc).splitlines() or [""])[0][:200]
 
 

@@ -15,8 +15,8 @@ import time
 
 from tqdm.auto import tqdm
 
-from ..groups import Block, Unit
 from ..scoring.rule import outcomes, rank
+from ..units import Block, Unit
 from .budget import Meter
 from .ranking import Cut, Ranking, pick
 from .records import GlobalStep, LayerRecord

@@ -10,7 +10,8 @@ from typing import Protocol
 import torch
 
 from ..errors import CarpruneError
-from ..groups import Block, Surgery, Unit
+from ..groups import Surgery
+from ..units import Block, Unit
 from .compensation import RIDGE
 from .sets import Scores, ScoringSet
 

@@ -22,9 +22,12 @@ from .sets import ScoringSet
 @dataclass(frozen=True)
 class Gap:
     """How far scoring is from removal: the largest difference of the ablated network's logits
-    (naive engine) from the pruned one's, relative to the largest logit; the largest relative
-    difference of an image's loss as the engine scores it; whether it says each image is right
-    exactly when the pruned network is."""
+    (naive engine) from the pruned one's, relative to the largest logit; the largest difference
+    of an image's loss as the engine scores it from the pruned network's loss of it, relative
+    to the larger of that loss and the image's largest logit (cross-entropy moves at most twice
+    as far as the logits: a loss near zero does not turn the logits' rounding into a gap, nor
+    tiny logits the loss's); whether it says each image is right exactly when the pruned
+    network is."""
 
     logits: float
     loss: float
@@ -59,6 +62,7 @@ def _gap(surgery: Surgery, pruned: Surgery, layer: str, unit: int, x: torch.Tens
                                           removed.shape[1])
         _, scores = scorer.score(surgery, [Unit(layer, unit)], scoring)
         truth = F.cross_entropy(removed[i:i + 1], labels[i:i + 1], reduction="sum")
-        loss = max(loss, float((scores.loss[0] - truth).abs() / truth.abs().clamp_min(1e-12)))
+        scale = torch.maximum(truth.abs(), removed[i].abs().max()).clamp_min(1e-12)
+        loss = max(loss, float((scores.loss[0] - truth).abs() / scale))
         correct &= int(scores.correct[0]) == int(removed[i].argmax() == labels[i])
     return Gap(logits, loss, correct)

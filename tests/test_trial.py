@@ -3,6 +3,8 @@ that keeps a split's sizes or a slice's end in its own code. Torch-Pruning's rem
 here by hand, fails or computes something else; carprune refuses those layers in one
 sentence and keeps every other layer."""
 
+import copy
+
 import pytest
 import torch
 import torch_pruning as tp
@@ -10,6 +12,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import carprune as cp
+from carprune import groups
 from carprune.groups import Surgery, is_depthwise
 from carprune.trial import refusals
 
@@ -109,3 +112,12 @@ def test_the_zoos_layers_pass_their_trial(name):
 def test_concatenated_branches_pass_their_trial():
     surgery = Surgery(ConcatNet().eval(), torch.randn(1, 1, 28, 28))
     assert surgery.prunable_layers() == ["stem", "left", "right", "mix"]
+
+
+def test_a_networks_trials_are_decided_once(monkeypatch):
+    net = SplitNet().eval()
+    first = Surgery(net, X[:1]).why_not("a")
+    monkeypatch.setattr(groups, "refusals",
+                        lambda surgery, layers: pytest.fail("tried again") if layers else {})
+    assert Surgery(net, X[:1]).why_not("a") == first
+    assert Surgery(copy.deepcopy(net), X[:1]).why_not("a") == first

@@ -29,7 +29,7 @@ from .dependency import dependency_graph
 from .errors import CarpruneError
 from .layout import arrange, layout_for
 from .norms import is_mixing, removed, unsupported
-from .trial import refusals
+from .trial import refusals, verdicts
 from .units import Unit
 
 NORMS = (_BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm)
@@ -74,8 +74,8 @@ class _Alive(Mapping):
 
 class Surgery:
     """Owns a copy of a model and its dependency graph; ablates and removes units, and keeps
-    their numbering. The caller's model is never changed, but for the layout decision it keeps
-    (layout.py); `adopt` takes one over instead.
+    their numbering. The caller's model is never changed, but for the decisions it keeps (its
+    layout, layout.py; its layers' trials, trial.py); `adopt` takes one over instead.
 
     `alive[layer]` maps the layer's current unit positions to their original indices, so every
     record can speak the numbering of the network the user started from (`original[layer]`:
@@ -86,6 +86,7 @@ class Surgery:
                  prior_history: list | None = None):
         layout_for(model, example_inputs)  # decided once, on the caller's model: copies keep it
         self._own(copy.deepcopy(model), example_inputs, None, prior_history)
+        self._trials = verdicts(model)  # the same: trial.py
 
     @classmethod
     def adopt(cls, dg: tp.DependencyGraph, example_inputs: torch.Tensor) -> Surgery:
@@ -93,6 +94,7 @@ class Surgery:
         copy: what it removes, that model loses."""
         surgery = cls.__new__(cls)
         surgery._own(dg.model, example_inputs, dg, None)
+        surgery._trials = verdicts(dg.model)
         return surgery
 
     def _own(self, model: nn.Module, example_inputs: torch.Tensor,
@@ -149,8 +151,11 @@ class Surgery:
                       if isinstance(m, LAYERS) and n not in self._refusals]
             for name in layers:
                 self._refusals[name] = self._find_refusal(name)
-            self._refusals.update(refusals(self, [n for n in layers
-                                                  if self._refusals[n] is None]))
+            fresh = [n for n in layers if self._refusals[n] is None and n not in self._trials]
+            found = refusals(self, fresh)
+            self._trials.update({n: found.get(n) for n in fresh})
+            for name in layers:
+                self._refusals[name] = self._refusals[name] or self._trials[name]
         return self._refusals[layer]
 
     def _find_refusal(self, layer: str) -> str | None:

@@ -28,6 +28,7 @@ from .layout import first_line
 from .units import Unit
 
 TOLERANCE = 1e-6  # relative difference of the outputs; float64 rounding is about 1e-14
+ATTRIBUTE = "carprune_trials"  # on the caller's model: layer -> why it failed its trial, or None
 WHY = ("cannot be removed cleanly: Torch-Pruning's removal of one of its units gives a "
        "network that {what}, as the network's own code keeps a size of it or mixes its "
        "channels in a way that neither Torch-Pruning nor carprune follows (a split, a "
@@ -46,6 +47,14 @@ class Surgery(Protocol):
     def producing(self, layer: str, unit: int) -> dict[str, list[int]]: ...
     def remove(self, layer: str, units: Sequence[int]) -> list[int]: ...
     def ablated(self, units: Sequence[Unit]) -> AbstractContextManager[None]: ...
+
+
+def verdicts(model: nn.Module) -> dict[str, str | None]:
+    """The trials already decided for `model`, kept on it (and on copies made after them) as
+    its memory layout is (layout.py): a network's code does not change between runs."""
+    if not isinstance(getattr(model, ATTRIBUTE, None), dict):
+        setattr(model, ATTRIBUTE, {})
+    return getattr(model, ATTRIBUTE)
 
 
 def refusals(surgery: Surgery, layers: Sequence[str]) -> dict[str, str]:

@@ -197,7 +197,9 @@ def check(name: str, size: int = 64, limit: int = LIMIT) -> dict:
         state.update(model=model, x=x, data=TensorDataset(x, y), surgery=surgery,
                      car=surgery.prunable_layers())
         if not state["car"]:
-            raise cp.CarpruneError("carprune offers no prunable layer")
+            first = next(n for n, m in surgery.modules.items() if isinstance(m, LAYERS))
+            raise cp.CarpruneError(f"carprune offers no prunable layer ({first} "
+                                   f"{surgery.why_not(first)})")
         return {}
 
     with warnings.catch_warnings():

@@ -121,8 +121,8 @@ class Surgery:
         """Layers whose units can be pruned: every conv and linear layer that makes the
         channels of a dependency group, but depthwise convs and the classifier (docs/engine.md,
         "Units")."""
-        layers = [n for n, m in self.modules.items() if isinstance(m, LAYERS)]
-        return [n for n in layers if self.why_not(n) is None]
+        return [n for n, m in self.modules.items()
+                if isinstance(m, LAYERS) and self.why_not(n) is None]
 
     def conv_layers(self) -> list[str]:
         """The convs among `prunable_layers`."""
@@ -142,8 +142,8 @@ class Surgery:
 
     def why_not(self, layer: str) -> str | None:
         """Why the layer's channels are not units, or None when they are. The first question
-        answers it for every layer: by its place in the graph, then by a trial removal of the
-        others, all at once (trial.py)."""
+        answers it for every layer: by its place in the graph, then, for those that pass, by a
+        trial removal, all at once (trial.py; kept on the caller's model)."""
         if not isinstance(self.modules.get(layer), LAYERS):
             return "is not a conv or linear layer of the network"
         if layer not in self._refusals:

@@ -42,6 +42,10 @@ def other() -> nn.Module:
     return nn.Sequential(OrderedDict(flat=nn.Flatten(), fc=nn.Linear(784, 10)))
 
 
+def double() -> nn.Module:
+    return tiny().double()
+
+
 def returns_int() -> int:
     return 3
 
@@ -86,6 +90,16 @@ def test_a_factory_that_returns_no_network(tmp_path, capsys):
     assert line == (f"carprune: error: the factory {ME}:returns_int returned int 3, not a "
                     "network; a model factory must return a torch.nn.Module")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_float64_network_is_refused_before_anything_runs(tmp_path, capsys, fmnist):
+    line = refused(capsys, prune_argv(tmp_path, "--model", f"{ME}:double"))
+    assert line == ("carprune: error: the network's weights are torch.float64, and carprune "
+                    "prunes float32 networks; convert it with model.float() first (and back "
+                    "after pruning if you need to)")
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(cp.CarpruneError, match="model.float"):
+        cp.car_prune(double(), subset(fmnist.val, 64), ["0"], keep=0.5, progress=False)
 
 
 def test_a_factory_that_raises_names_itself_and_keeps_its_traceback_for_debug(tmp_path,

@@ -73,8 +73,8 @@ def _mean(results: list[dict]) -> dict:
 
 class Curve:
     """A global run's agreement on test the first time its MACs fall to each level of
-    CURVE_MACS (one point per level, so that runs line up), and the seconds those evaluations
-    took (not the run's)."""
+    CURVE_MACS (one point per level, so that runs line up), and the seconds the curve took
+    apart from the run to the target (its evaluations, and block CAR's runs to each level)."""
 
     def __init__(self, test: TensorDataset, start: float):
         self.test, self.start = test, start
@@ -94,30 +94,43 @@ class Curve:
 
 
 def block_car(model: nn.Module, data: TensorDataset, args: argparse.Namespace,
-              curve: Curve) -> tuple[nn.Module, list[str]]:
-    """Global CAR in block mode with least-squares compensation, down to `target_macs`: every
-    round each layer offers the `block_fraction` of its filters that the first-order estimate
-    ranks least needed, scored jointly (refit on half the images, judged on the other half),
-    and the `blocks_per_round` best per MAC saved go. Residual-stage layers stay whole (under
-    compensation they score on the naive path); the curve is measured after every round.
-    Returns the pruned network and the residual layers left whole."""
+              target: float) -> tuple[nn.Module, list[str]]:
+    """Global CAR in block mode with least-squares compensation, down to `target` of the MACs:
+    every round each layer offers the `block_fraction` of its filters that the first-order
+    estimate ranks least needed, scored jointly (refit on half the images, judged on the other
+    half), and the `blocks_per_round` best per MAC saved go, the last round only as many as
+    the target needs. Residual-stage layers stay whole (under compensation they score on the
+    naive path). Returns the pruned network and the residual layers left whole."""
     surgery = cp.Surgery(model, data.tensors[0][:1].to(device_of(model)))
     residual = [n for n in surgery.conv_layers() if surgery.kind(n) == "residual"]
     result, _ = cp.global_car_prune(
-        model, data, target=args.target_macs,
-        layers=[n for n in surgery.conv_layers() if n not in residual],
+        model, data, target=target, layers=[n for n in surgery.conv_layers() if n not in residual],
         budget=cp.Budget(kind="macs", min_keep=MIN_KEEP),
         approx=cp.Approximation(blocks=args.block_fraction, step=args.blocks_per_round),
-        engine=cp.EngineOptions(compensate=True, ridge=BLOCK_RIDGE), progress=args.progress,
-        resume=cp.Resume(on_step=lambda progress, pruned: curve(pruned)))
+        engine=cp.EngineOptions(compensate=True, ridge=BLOCK_RIDGE), progress=args.progress)
     return result.model, residual
+
+
+def block_car_curve(model: nn.Module, data: TensorDataset, args: argparse.Namespace,
+                    curve: Curve) -> tuple[nn.Module, list[str]]:
+    """Block CAR asked for each level of CURVE_MACS above `target_macs` (one run each, onto
+    `curve`), then for `target_macs`, whose run it returns: a round removes several blocks, so
+    a curve taken after every round would meet each level up to a round's worth of MACs below
+    it, where Torch-Pruning's many small steps meet it within one step."""
+    for level in [lv for lv in CURVE_MACS if lv > args.target_macs]:
+        began = time.perf_counter()
+        pruned, _ = block_car(model, data, args, level)
+        curve.seconds += time.perf_counter() - began
+        curve(pruned)
+    return block_car(model, data, args, args.target_macs)
 
 
 def global_pruning(model: nn.Module, split: Split, args: argparse.Namespace) -> dict:
     """Post-training global pruning to `target_macs`: block CAR with compensation (on the
     first `global_images` scoring windows), then Torch-Pruning's global magnitude and Taylor
     pruning down to the MACs block CAR reached; agreement on test, at the end and on the way
-    (CURVE_MACS)."""
+    (CURVE_MACS: where Torch-Pruning's steps first pass each level, and block CAR asked for
+    it)."""
     start = macs_params(model, split.test.tensors[0].shape[1:])[0]
     data = TensorDataset(*(t[:args.global_images] for t in split.scoring.tensors))
     x, y = (t.to(device_of(model)) for t in data.tensors)
@@ -126,7 +139,7 @@ def global_pruning(model: nn.Module, split: Split, args: argparse.Namespace) -> 
     for name in ("car-compensate", "tp-magnitude", "tp-taylor"):
         began, curve = time.perf_counter(), Curve(split.test, start)
         if name == "car-compensate":
-            pruned, residual = block_car(model, data, args, curve)
+            pruned, residual = block_car_curve(model, data, args, curve)
         else:
             pruned = torch_pruning_global(model, x[:1], target, name[3:], args.tp_steps,
                                           data=(x, y), share=curve)

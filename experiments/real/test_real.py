@@ -91,25 +91,30 @@ def options(*argv: str) -> argparse.Namespace:
     return args
 
 
-def test_block_car_removes_one_block_and_measures_the_curve_where_it_passes():
+def test_block_car_removes_one_block_and_its_curve_is_block_car_asked_for_each_level():
     """One round of one block: a quarter of one layer's filters goes (which block the rule
-    picks is the library's block mode, tested with it); the curve holds the agreement of the
-    pruned network at every level of CURVE_MACS it passed, and no residual layer is left out
-    of a plain network."""
+    picks is the library's block mode, tested with it), and no residual layer is left out of a
+    plain network. The curve's point at each level of CURVE_MACS is block CAR asked for that
+    level: at most the level's MACs, and that run's agreement."""
     model = Tiny().eval()
     x = torch.randn(24, 3, 8, 8)
     data = TensorDataset(x, model(x).argmax(1))
     args = options("--block-fraction", "0.25", "--blocks-per-round", "1", "--target-macs", "0.99")
     start = macs_params(model, x.shape[1:])[0]
-    curve = study.Curve(data, start)
-    pruned, residual = study.block_car(model, data, args, curve)
+    pruned, residual = study.block_car(model, data, args, args.target_macs)
     assert residual == []
     widths = {n: m.out_channels for n, m in pruned.named_modules() if n in ("a", "b")}
     assert sorted(widths.values()) == [6, 8]
-    share = macs_params(pruned, x.shape[1:])[0] / start
-    assert share < 0.9
-    assert curve.points == [{"level": level, "macs": share, **splits.agreement(pruned, data)}
-                            for level in study.CURVE_MACS if share <= level]
+    args = options("--block-fraction", "0.25", "--blocks-per-round", "4", "--target-macs", "0.5")
+    curve = study.Curve(data, start)
+    study.block_car_curve(model, data, args, curve)
+    expected = []
+    for level in study.CURVE_MACS:
+        at_level = study.block_car(model, data, args, level)[0]
+        share = macs_params(at_level, x.shape[1:])[0] / start
+        assert share <= level
+        expected.append({"level": level, "macs": share, **splits.agreement(at_level, data)})
+    assert curve.points == expected
 
 
 def test_shipped_refuses_a_missing_package(monkeypatch):

@@ -39,6 +39,16 @@ def resolve_device(text: str = "auto") -> torch.device:
     return torch.device("cuda", index)
 
 
+def check_float32(model: nn.Module) -> None:
+    """carprune scores, refits and fine-tunes in float32 (its images are float32): refuse a
+    network whose floating-point weights are another type, before anything runs."""
+    other = {p.dtype for p in model.parameters() if p.is_floating_point()} - {torch.float32}
+    if other:
+        raise CarpruneError(f"the network's weights are {', '.join(sorted(map(str, other)))}, "
+                            "and carprune prunes float32 networks; convert it with "
+                            "model.float() first (and back after pruning if you need to)")
+
+
 def device_of(model: nn.Module) -> torch.device:
     """The device of a model's parameters (the CPU for a model without any)."""
     return next((p.device for p in model.parameters()), torch.device("cpu"))

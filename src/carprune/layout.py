@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .devices import device_of
+from .devices import check_float32, device_of
 from .errors import CarpruneError
 
 ATTRIBUTE = "carprune_layout"  # tests set it to force a layout
@@ -31,10 +31,12 @@ _LIBRARIES = (Path(torch.__file__).parent, Path(__file__).parent)
 def layout_for(model: nn.Module, example: torch.Tensor) -> torch.memory_format:
     """channels_last or torch.contiguous_format for `model`, decided on its first call (one
     forward pass of a copy in each layout on `example`, eval mode, no grad) and kept on the
-    model; the model itself is not changed but for that attribute."""
+    model; the model itself is not changed but for that attribute. The first look carprune
+    takes at a network, so a network it cannot work with is refused here."""
     decided = getattr(model, ATTRIBUTE, None)
     if decided is not None:
         return decided
+    check_float32(model)
     trial = copy.deepcopy(model).eval()
     example = example.to(device_of(model))
     with _full_precision():

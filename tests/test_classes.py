@@ -283,3 +283,19 @@ def test_the_classes_and_the_weights_file_are_part_of_a_runs_identity(tmp_path, 
     interrupted(monkeypatch, capsys, command)
     save_file(tiny().state_dict(), weights)  # other values, the same path
     assert "(weights differ)" in refused(capsys, command)
+
+
+def test_distill_fine_tunes_towards_the_unpruned_specialised_network(tmp_path, monkeypatch,
+                                                                     fmnist):
+    """--distill hands fine-tuning the unpruned network with the run's classes as teacher:
+    its outputs are those of the shipped network specialised by hand; without it, none."""
+    seen = []
+    monkeypatch.setattr("carprune.commands.prune.fit",
+                        lambda *args, teacher=None, **kwargs: seen.append(teacher) or [])
+    main(argv(tmp_path, "--classes", "trouser", "bag", "--distill"))
+    main(argv(tmp_path, "--classes", "trouser", "bag", "--restart"))
+    x = fmnist.test.tensors[0][:16]
+    with torch.no_grad():
+        want = by_hand(cp.load("convnet-fmnist"), [1, 8])(x)
+        torch.testing.assert_close(seen[0](x), want)
+    assert seen[1] is None

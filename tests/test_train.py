@@ -1,7 +1,12 @@
+import copy
+
+import pytest
 import torch
+from torch import nn
+from torch.utils.data import TensorDataset
 
 import carprune as cp
-from carprune.train import augment
+from carprune.train import augment, distilled
 
 from .conftest import subset
 
@@ -38,3 +43,43 @@ def test_runs_of_a_few_steps_train(fmnist):
         after = [p.detach() for p in model.parameters() if p.ndim > 1]
         assert len(log) == 1
         assert all(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_distilled_is_the_hand_formula():
+    """0.9 of T^2 x KL(teacher || student) of the outputs softened at T = 4, plus 0.1 of the
+    cross-entropy, written out with softmax and logs."""
+    torch.manual_seed(0)
+    s, t, y = torch.randn(5, 3), torch.randn(5, 3), torch.tensor([0, 2, 1, 1, 0])
+    p_s, p_t = torch.softmax(s / 4, 1), torch.softmax(t / 4, 1)
+    kl = (p_t * (p_t.log() - p_s.log())).sum(1).mean()
+    ce = -torch.log_softmax(s, 1)[torch.arange(5), y].mean()
+    assert float(distilled(s, t, y)) == pytest.approx(float(0.9 * 16 * kl + 0.1 * ce), rel=1e-5)
+
+
+def test_fit_with_a_teacher_takes_the_distilled_step():
+    """One step on one batch, no augmentation or weight decay: a one-step cycle runs at its
+    final rate, lr / 25 / 10^4, and momentum, 0.95 (OneCycleLR's defaults), so SGD's first
+    Nesterov step moves by 1.95 x that rate x the gradient of the distilled loss (the
+    teacher's outputs held fixed); the teacher does not move."""
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    x, y = torch.randn(8, 1, 3, 4), torch.randint(0, 3, (8,))
+    expected = copy.deepcopy(student)
+    loss = distilled(expected(x), teacher(x).detach(), y)
+    grads = torch.autograd.grad(loss, list(expected.parameters()))
+    teacher_before = copy.deepcopy(teacher.state_dict())
+    cp.fit(student, TensorDataset(x, y), epochs=1, lr=2.5e4, batch_size=8, weight_decay=0,
+           shift_and_flip=False, progress=False, teacher=teacher)
+    for p, p0, g in zip(student.parameters(), expected.parameters(), grads, strict=True):
+        torch.testing.assert_close(p.detach(), p0.detach() - 1.95 * 0.1 * g)
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in teacher_before.items())
+
+
+def test_a_teacher_with_other_outputs_is_refused():
+    student = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    data = TensorDataset(torch.randn(8, 1, 3, 4), torch.randint(0, 3, (8,)))
+    with pytest.raises(cp.CarpruneError, match=r"the teacher gives \(1, 4\) outputs for an image "
+                       r"where the network gives \(1, 3\)"):
+        cp.fit(student, data, epochs=1, progress=False,
+               teacher=nn.Sequential(nn.Flatten(), nn.Linear(12, 4)))

@@ -103,14 +103,16 @@ def pruned_networks(model: nn.Module, data, names: tuple[str, ...], subset_data,
     return nets, seconds
 
 
-def finetuned(net: nn.Module, train, test, args: argparse.Namespace, lr: float,
+def finetuned(net: nn.Module, train, test, args: argparse.Namespace, teacher: nn.Module,
               desc: str) -> list[float]:
-    """Test accuracy of copies of `net` after `args.epochs` epochs on `train`, one per seed."""
+    """Test accuracy of copies of `net` after `args.epochs` epochs on `train`, one per seed
+    (with --distill, towards `teacher`'s outputs too)."""
     out = []
     for seed in range(args.seeds):
         tuned = copy.deepcopy(net)
-        cp.fit(tuned, train, args.epochs, lr=lr, seed=seed, desc=f"{desc} seed {seed}",
-               progress=args.progress)
+        cp.fit(tuned, train, args.epochs, lr=FINETUNE_LR, batch_size=args.finetune_batch,
+               seed=seed, desc=f"{desc} seed {seed}", progress=args.progress,
+               shift_and_flip=args.augment, teacher=teacher if args.distill else None)
         out.append(cp.evaluate(tuned, test).accuracy)
     return out
 
@@ -123,8 +125,9 @@ def from_scratch(widths_of: list[int], classes: int, train, test,
     for seed in range(args.seeds):
         torch.manual_seed(seed)
         net = cp.create_model("convnet", num_classes=classes, widths=tuple(widths_of))
-        cp.fit(net, train, args.epochs, lr=SCRATCH_LR, seed=seed, desc=f"scratch seed {seed}",
-               progress=args.progress)
+        cp.fit(net, train, args.epochs, lr=SCRATCH_LR, batch_size=args.finetune_batch,
+               seed=seed, desc=f"scratch seed {seed}", progress=args.progress,
+               shift_and_flip=args.augment)
         out.append(cp.evaluate(net, test).accuracy)
     return out
 
@@ -142,7 +145,8 @@ def subset_study(model: nn.Module, data, key: str, args: argparse.Namespace) -> 
     subset = ClassSubset.resolve(names, output_names(model), len(data.classes))
     sub = subset.data(data)
     train = cp.data.first_images(sub.train, args.train_samples, "--train-samples")
-    unpruned = cp.evaluate(cp.specialise(model, names, data.example(1)), sub.test).accuracy
+    teacher = cp.specialise(model, names, data.example(1))
+    unpruned = cp.evaluate(teacher, sub.test).accuracy
     nets, seconds = pruned_networks(model, data, names, sub, args)
     levels: dict[str, dict] = {}
     began = time.perf_counter()
@@ -151,7 +155,7 @@ def subset_study(model: nn.Module, data, key: str, args: argparse.Namespace) -> 
         for name in PRUNED:
             net, share = nets[name][level]
             at[name] = row(cp.evaluate(net, sub.test).accuracy,
-                           finetuned(net, train, sub.test, args, FINETUNE_LR, name), share,
+                           finetuned(net, train, sub.test, args, teacher, name), share,
                            widths(net))
         car_widths = at[PRUNED[0]]["widths"]
         at[SCRATCH] = row(None, from_scratch(car_widths, len(names), train, sub.test, args),

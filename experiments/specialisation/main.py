@@ -47,6 +47,13 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--race", type=int, default=None, help="global CAR's --race")
     parser.add_argument("--no-compensate", dest="compensate", action="store_false",
                         help="both CARs without least-squares refits of the consumers")
+    parser.add_argument("--distill", action="store_true",
+                        help="fine-tune the pruned networks towards the unpruned specialised "
+                        "network's outputs as well as the labels (carprune prune --distill)")
+    parser.add_argument("--finetune-batch", type=int, default=128,
+                        help="batch size of fine-tuning and of training from scratch")
+    parser.add_argument("--no-augment", dest="augment", action="store_false",
+                        help="fine-tune and train without random shifts and flips")
     parser.add_argument("--train-samples", type=int, default=None,
                         help="fine-tune on the subset's first N training images (default all)")
     parser.add_argument("--no-imagenet", dest="imagenet", action="store_false")

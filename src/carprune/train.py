@@ -1,4 +1,5 @@
-"""Training and fine-tuning: SGD with momentum, one-cycle schedule, light augmentation."""
+"""Training and fine-tuning: SGD with momentum, one-cycle schedule, light augmentation, and
+optionally distillation from a teacher (the unpruned network, when fine-tuning a pruned one)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,21 @@ def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.
     flip = torch.rand(n, generator=generator) < 0.5
     out[flip] = out[flip].flip(-1)
     return out
+
+
+DISTILL_WEIGHT, TEMPERATURE = 0.9, 4.0  # Hinton et al.'s soft targets, as commonly set
+
+
+def distilled(logits: torch.Tensor, teacher_logits: torch.Tensor,
+              y: torch.Tensor) -> torch.Tensor:
+    """Knowledge distillation (Hinton, Vinyals & Dean 2015): DISTILL_WEIGHT of the KL
+    divergence from the teacher's outputs to the student's, both softened by TEMPERATURE (times
+    its square, so that the gradients keep their scale), and the rest cross-entropy with the
+    labels."""
+    soft = F.kl_div(F.log_softmax(logits / TEMPERATURE, 1),
+                    F.log_softmax(teacher_logits / TEMPERATURE, 1), log_target=True,
+                    reduction="batchmean") * TEMPERATURE ** 2
+    return DISTILL_WEIGHT * soft + (1 - DISTILL_WEIGHT) * F.cross_entropy(logits, y)
 
 
 @dataclass
@@ -102,10 +118,13 @@ def fit(model: nn.Module, train: Dataset, epochs: int, lr: float = 0.05,
         val: Dataset | None = None, progress: bool = True, desc: str = "train",
         resume: TrainState | None = None,
         on_epoch: Callable[[TrainState], None] | None = None, shift_and_flip: bool = True,
-        workers: int = 0) -> list[dict]:
+        workers: int = 0, teacher: nn.Module | None = None) -> list[dict]:
     """Train in place with SGD + Nesterov momentum under a one-cycle schedule, on the model's
     device; returns a log.
 
+    teacher: a network with the model's outputs (the unpruned one, when fine-tuning a pruned
+    network), kept as it is; the model learns its softened outputs as well as the labels
+    (`distilled`).
     shift_and_flip: augment every batch (`augment`); off where the data set applies its own
     random transform (image folders: random resized crop and flip, in `workers` processes).
     `on_epoch` receives the state after every epoch; passing it back as `resume` (with the
@@ -116,6 +135,7 @@ def fit(model: nn.Module, train: Dataset, epochs: int, lr: float = 0.05,
     if len(train) == 0:
         raise CarpruneError("the training set is empty; give a data set with images")
     layout = arrange(model, first_image(train))  # before seeding: reading it may draw
+    _check_teacher(teacher, model, first_image(train))
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     loader, sampler = _loader(train, batch_size, seed, generator, workers)
@@ -131,7 +151,8 @@ def fit(model: nn.Module, train: Dataset, epochs: int, lr: float = 0.05,
             sampler.set_epoch(epoch)
             generator.manual_seed(seed + 1000 * epoch + dist.rank())
             torch.manual_seed(seed + 1000 * epoch + dist.rank())
-        step = _Step(net, opt, sched, generator if shift_and_flip else None, device, layout)
+        step = _Step(net, opt, sched, generator if shift_and_flip else None, device, layout,
+                     teacher)
         entry = {"epoch": epoch, **_epoch(step, loader, f"{desc} epoch {epoch}/{epochs}",
                                           progress)}
         if not math.isfinite(entry["train_loss"]):
@@ -150,6 +171,21 @@ def fit(model: nn.Module, train: Dataset, epochs: int, lr: float = 0.05,
                                 torch.get_rng_state(), list(log)))
     model.eval()
     return log
+
+
+def _check_teacher(teacher: nn.Module | None, model: nn.Module, image: torch.Tensor) -> None:
+    """A teacher must answer an image with as many outputs as the model; it is put in eval
+    mode (its norms keep their statistics) and never trained."""
+    if teacher is None:
+        return
+    teacher.eval()
+    with torch.no_grad():
+        want = model.eval()(image.to(device_of(model))).shape
+        got = teacher(image.to(device_of(teacher))).shape
+    if got != want:
+        raise CarpruneError(f"the teacher gives {tuple(got)} outputs for an image where the "
+                            f"network gives {tuple(want)}; distil from a network with the "
+                            "same classes (with --classes, the unpruned network specialised)")
 
 
 def _loader(train: Dataset, batch_size: int, seed: int, generator: torch.Generator,
@@ -195,7 +231,8 @@ def _restore(resume: TrainState | None, opt, sched, generator: torch.Generator,
 
 @dataclass
 class _Step:
-    """One optimizer step on a batch: augment (when a generator is given), forward, backward."""
+    """One optimizer step on a batch: augment (when a generator is given), forward, backward;
+    the loss is cross-entropy, or `distilled` towards the teacher's outputs when there is one."""
 
     net: nn.Module
     opt: torch.optim.Optimizer
@@ -203,6 +240,7 @@ class _Step:
     generator: torch.Generator | None
     device: torch.device
     layout: torch.memory_format  # the network's (layout.py)
+    teacher: nn.Module | None = None
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.generator is not None:
@@ -210,7 +248,12 @@ class _Step:
         x = arranged(x.to(self.device), self.layout)
         y = y.to(self.device)
         logits = self.net(x)
-        loss = F.cross_entropy(logits, y)
+        if self.teacher is None:
+            loss = F.cross_entropy(logits, y)
+        else:
+            with torch.no_grad():
+                taught = self.teacher(x)
+            loss = distilled(logits, taught, y)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()

@@ -57,7 +57,7 @@ def run(config: PruneConfig, data=None, model: nn.Module | None = None) -> dict:
     fit(pruned, train, config.finetune_epochs, lr=config.finetune_lr, seed=config.seed,
         desc="fine-tune", resume=state.training(pruned),
         on_epoch=lambda ts: state.save_training(pruned, ts), shift_and_flip=data.augment,
-        workers=data.workers)
+        workers=data.workers, teacher=model if config.distill else None)
     finetune_seconds = time.perf_counter() - start
     finetuned = _measure(pruned, data, by_original, speed=True, splits=("test",))
     summary = _summary(config, source, result, global_steps, before, after, finetuned,

@@ -86,7 +86,7 @@ def checkpoint_for(name: str, tmp: Path) -> str:
     torch.manual_seed(0)
     model = cp.create_model(name)
     small = torch.utils.data.TensorDataset(*[t[:2000] for t in data.train.tensors])
-    cp.fit(model, small, epochs=1, lr=0.05, seed=0, progress=False)
+    cp.fit(model, small, 1, cp.Recipe(lr=0.05), progress=False)
     model.carprune_spec = {"arch": {"name": name, "kwargs": {}}, "input_shape": [1, 28, 28],
                            "data": data.describe()}
     cp.save(model.eval(), tmp / name)

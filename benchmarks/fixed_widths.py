@@ -48,7 +48,7 @@ def main() -> None:
                          criterion_prune(model, scoring, [layer], criterion, keep=keep,
                                          seed=args.seed)).model
             pruned = cp.evaluate(model, data.test).accuracy
-            cp.fit(model, data.train, args.finetune_epochs, lr=0.01, seed=args.seed,
+            cp.fit(model, data.train, args.finetune_epochs, cp.Recipe(lr=0.01, seed=args.seed),
                    desc=f"{criterion} {widths}")
             rows.append({"widths": widths, "criterion": criterion, "test_pruned": pruned,
                          "test_finetuned": cp.evaluate(model, data.test).accuracy})

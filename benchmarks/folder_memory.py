@@ -65,8 +65,8 @@ def main() -> None:
                             test_fraction=0.01, workers=args.workers)
         model = small_net()
         start = time.perf_counter()
-        cp.fit(model, data.train, 1, lr=0.01, batch_size=128, shift_and_flip=False,
-               workers=data.workers, desc="fine-tune (streamed)")
+        cp.fit(model, data.train, 1, cp.Recipe(lr=0.01, shift_and_flip=False,
+                                              workers=data.workers), desc="fine-tune (streamed)")
         seconds = time.perf_counter() - start
     main_mib, worker_mib = peak_mib()
     total = main_mib + args.workers * worker_mib

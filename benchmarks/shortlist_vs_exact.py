@@ -24,7 +24,7 @@ from carprune import io
 from carprune.car import Approximation, global_car_prune
 from carprune.commands.common import table
 from carprune.data import load_data
-from carprune.train import evaluate, fit
+from carprune.train import Recipe, evaluate, fit
 
 
 def first(ds: TensorDataset, n: int) -> TensorDataset:
@@ -55,7 +55,7 @@ def main() -> None:
         tuned = []
         for seed in range(args.seeds):
             net = copy.deepcopy(result.model)
-            fit(net, train, 1, lr=0.01, seed=seed, progress=False)
+            fit(net, train, 1, Recipe(lr=0.01, seed=seed), progress=False)
             tuned.append(evaluate(net, data.test).accuracy)
         report[name] = {"seconds": result.seconds, "removed": {n: r.removed for n, r in
                                                                result.layers.items()},

@@ -105,7 +105,7 @@ SMALL_DATA = "tests.conftest:small_fashion_mnist"
 def quick_trained(name: str, data: cp.data.Data, n: int = 3000, **kwargs) -> nn.Module:
     """A zoo model trained for one short epoch: far from good, but its filters differ."""
     model = cp.create_model(name, **kwargs)
-    cp.fit(model, subset(data.train, n), epochs=1, lr=0.05, progress=False)
+    cp.fit(model, subset(data.train, n), 1, cp.Recipe(lr=0.05), progress=False)
     model.carprune_spec = {"arch": {"name": name, "kwargs": kwargs}, "input_shape": [1, 28, 28]}
     return model.eval()
 
@@ -139,7 +139,7 @@ class ConcatNet(nn.Module):
 def concat_net(fmnist) -> nn.Module:
     torch.manual_seed(1)
     model = ConcatNet()
-    cp.fit(model, subset(fmnist.train, 3000), epochs=1, lr=0.05, progress=False)
+    cp.fit(model, subset(fmnist.train, 3000), 1, cp.Recipe(lr=0.05), progress=False)
     return model.eval()
 
 

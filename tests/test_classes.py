@@ -291,7 +291,8 @@ def test_distill_fine_tunes_towards_the_unpruned_specialised_network(tmp_path, m
     its outputs are those of the shipped network specialised by hand; without it, none."""
     seen = []
     monkeypatch.setattr("carprune.commands.prune.fit",
-                        lambda *args, teacher=None, **kwargs: seen.append(teacher) or [])
+                        lambda model, train, epochs, recipe, **kwargs:
+                        seen.append(recipe.teacher) or [])
     main(argv(tmp_path, "--classes", "trouser", "bag", "--distill"))
     main(argv(tmp_path, "--classes", "trouser", "bag", "--restart"))
     x = fmnist.test.tensors[0][:16]

@@ -182,7 +182,7 @@ def test_evaluate_through_the_factory_door_equals_the_checkpoint(tmp_path, capsy
     accuracy `cp.evaluate` computes on the module itself."""
     torch.manual_seed(0)
     model = tiny()
-    cp.fit(model, subset(fmnist.train, 2000), epochs=1, lr=0.05, progress=False)
+    cp.fit(model, subset(fmnist.train, 2000), 1, cp.Recipe(lr=0.05), progress=False)
     model.eval()
     weights = tmp_path / "tiny.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)

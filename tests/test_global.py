@@ -307,7 +307,7 @@ def tiny_factory() -> nn.Module:
 def test_factory_model_through_the_cli(tmp_path, fmnist, carprune_cli):
     torch.manual_seed(0)
     model = tiny_factory()
-    cp.fit(model, subset(fmnist.train, 2000), epochs=1, progress=False)
+    cp.fit(model, subset(fmnist.train, 2000), 1, progress=False)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "w.st")
     torch.save(model.state_dict(), tmp_path / "w.pt")
     base = ["prune", "--model", "tests.test_global:tiny_factory", "--score-samples", "200",

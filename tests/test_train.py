@@ -16,7 +16,7 @@ def test_short_training_lowers_the_loss(fmnist):
     model = cp.create_model("convnet", widths=(8, 16, 16), hidden=32)
     data = subset(fmnist.train, 2048)
     before = cp.evaluate(model, data).loss
-    log = cp.fit(model, data, epochs=3, lr=0.05, progress=False)
+    log = cp.fit(model, data, 3, cp.Recipe(lr=0.05), progress=False)
     after = cp.evaluate(model, data).loss
     assert after < 0.75 * before
     assert log[1]["train_loss"] < log[0]["train_loss"]
@@ -38,8 +38,8 @@ def test_runs_of_a_few_steps_train(fmnist):
         torch.manual_seed(0)
         model = cp.create_model("convnet", widths=(8, 16, 16), hidden=32)
         before = [p.detach().clone() for p in model.parameters() if p.ndim > 1]
-        log = cp.fit(model, subset(fmnist.train, 128 * steps), epochs=1, batch_size=128,
-                     lr=0.05, progress=False)
+        log = cp.fit(model, subset(fmnist.train, 128 * steps), 1, cp.Recipe(lr=0.05),
+                     progress=False)
         after = [p.detach() for p in model.parameters() if p.ndim > 1]
         assert len(log) == 1
         assert all(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
@@ -69,8 +69,9 @@ def test_fit_with_a_teacher_takes_the_distilled_step():
     loss = distilled(expected(x), teacher(x).detach(), y)
     grads = torch.autograd.grad(loss, list(expected.parameters()))
     teacher_before = copy.deepcopy(teacher.state_dict())
-    cp.fit(student, TensorDataset(x, y), epochs=1, lr=2.5e4, batch_size=8, weight_decay=0,
-           shift_and_flip=False, progress=False, teacher=teacher)
+    cp.fit(student, TensorDataset(x, y), 1, cp.Recipe(lr=2.5e4, batch_size=8, weight_decay=0,
+                                                      shift_and_flip=False, teacher=teacher),
+           progress=False)
     for p, p0, g in zip(student.parameters(), expected.parameters(), grads, strict=True):
         torch.testing.assert_close(p.detach(), p0.detach() - 1.95 * 0.1 * g)
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in teacher_before.items())
@@ -81,5 +82,13 @@ def test_a_teacher_with_other_outputs_is_refused():
     data = TensorDataset(torch.randn(8, 1, 3, 4), torch.randint(0, 3, (8,)))
     with pytest.raises(cp.CarpruneError, match=r"the teacher gives \(1, 4\) outputs for an image "
                        r"where the network gives \(1, 3\)"):
-        cp.fit(student, data, epochs=1, progress=False,
-               teacher=nn.Sequential(nn.Flatten(), nn.Linear(12, 4)))
+        cp.fit(student, data, 1, cp.Recipe(teacher=nn.Sequential(nn.Flatten(), nn.Linear(12, 4))),
+               progress=False)
+
+
+@pytest.mark.parametrize("bad", [{"lr": 0}, {"batch_size": 0}, {"weight_decay": -1e-4},
+                                 {"workers": -1}])
+def test_a_recipe_checks_itself(bad):
+    with pytest.raises(cp.CarpruneError, match="a training recipe needs a positive learning "
+                       "rate and batch size and no negative weight decay or workers, got lr"):
+        cp.Recipe(**bad)

@@ -71,7 +71,7 @@ def compared(pruned: dict, data, args: argparse.Namespace) -> dict:
         finetuned = []
         for seed in range(args.seeds):
             tuned = copy.deepcopy(model)
-            cp.fit(tuned, data.train, args.finetune_epochs, lr=0.01, seed=seed,
+            cp.fit(tuned, data.train, args.finetune_epochs, cp.Recipe(lr=0.01, seed=seed),
                    desc=f"{name} seed {seed}")
             finetuned.append(cp.evaluate(tuned, data.test).accuracy)
         rows[name] = {"test_pruned": cp.evaluate(model, data.test).accuracy,

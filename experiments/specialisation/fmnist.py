@@ -110,9 +110,10 @@ def finetuned(net: nn.Module, train, test, args: argparse.Namespace, teacher: nn
     out = []
     for seed in range(args.seeds):
         tuned = copy.deepcopy(net)
-        cp.fit(tuned, train, args.epochs, lr=FINETUNE_LR, batch_size=args.finetune_batch,
-               seed=seed, desc=f"{desc} seed {seed}", progress=args.progress,
-               shift_and_flip=args.augment, teacher=teacher if args.distill else None)
+        recipe = cp.Recipe(lr=FINETUNE_LR, batch_size=args.finetune_batch, seed=seed,
+                           shift_and_flip=args.augment, teacher=teacher if args.distill else None)
+        cp.fit(tuned, train, args.epochs, recipe, desc=f"{desc} seed {seed}",
+               progress=args.progress)
         out.append(cp.evaluate(tuned, test).accuracy)
     return out
 
@@ -125,9 +126,10 @@ def from_scratch(widths_of: list[int], classes: int, train, test,
     for seed in range(args.seeds):
         torch.manual_seed(seed)
         net = cp.create_model("convnet", num_classes=classes, widths=tuple(widths_of))
-        cp.fit(net, train, args.epochs, lr=SCRATCH_LR, batch_size=args.finetune_batch,
-               seed=seed, desc=f"scratch seed {seed}", progress=args.progress,
-               shift_and_flip=args.augment)
+        recipe = cp.Recipe(lr=SCRATCH_LR, batch_size=args.finetune_batch, seed=seed,
+                           shift_and_flip=args.augment)
+        cp.fit(net, train, args.epochs, recipe, desc=f"scratch seed {seed}",
+               progress=args.progress)
         out.append(cp.evaluate(net, test).accuracy)
     return out
 

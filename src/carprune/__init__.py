@@ -29,6 +29,7 @@ from .io import save as save
 from .models import create_model as create_model
 from .scoring import ScoringSet as ScoringSet
 from .scoring.graph import inference as inference
+from .train import Recipe as Recipe
 from .train import evaluate as evaluate
 from .train import fit as fit
 from .units import Block as Block
@@ -46,7 +47,7 @@ __all__ = [
     "class_importance",
     # networks, units, data
     "Surgery", "Unit", "Block", "ScoringSet", "inference", "create_model", "load", "save",
-    "build", "fit", "evaluate", "CarpruneError",
+    "build", "fit", "Recipe", "evaluate", "CarpruneError",
     # subpackages
     "data", "models", "interpret",
 ]

@@ -151,8 +151,7 @@ def reference_networks(fmnist, images: int):
     for name in ("resnet20", "mobilenet", "inception"):
         torch.manual_seed(0)
         model = create_model(name)
-        fit(model, TensorDataset(*[t[:3000] for t in fmnist.train.tensors]), epochs=1,
-            progress=False)
+        fit(model, TensorDataset(*[t[:3000] for t in fmnist.train.tensors]), 1, progress=False)
         yield name, model.eval(), val, None
     for name, make, windows, kinds in (
             ("torchvision resnet18", torchvision.models.resnet18, 64, None),

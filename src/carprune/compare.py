@@ -24,7 +24,7 @@ from .devices import device_of
 from .groups import Surgery, Unit
 from .io import atomic_write
 from .scoring import ScoringSet
-from .train import evaluate, fit
+from .train import Recipe, evaluate, fit
 
 
 @dataclass
@@ -70,7 +70,7 @@ def retrained_accuracy(model: nn.Module, layer: str, removed: list[int], train: 
                        test: TensorDataset, epochs: int, seed: int) -> float:
     surgery = Surgery(model, test.tensors[0][:1].to(device_of(model)))
     surgery.remove(layer, removed)
-    fit(surgery.model, train, epochs, lr=0.01, seed=seed, progress=False)
+    fit(surgery.model, train, epochs, Recipe(lr=0.01, seed=seed), progress=False)
     return evaluate(surgery.model, test).accuracy
 
 

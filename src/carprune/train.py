@@ -113,53 +113,76 @@ class TrainState:
     log: list[dict]
 
 
-def fit(model: nn.Module, train: Dataset, epochs: int, lr: float = 0.05,
-        batch_size: int = 128, weight_decay: float = 5e-4, seed: int = 0,
-        val: Dataset | None = None, progress: bool = True, desc: str = "train",
-        resume: TrainState | None = None,
-        on_epoch: Callable[[TrainState], None] | None = None, shift_and_flip: bool = True,
-        workers: int = 0, teacher: nn.Module | None = None) -> list[dict]:
-    """Train in place with SGD + Nesterov momentum under a one-cycle schedule, on the model's
-    device; returns a log.
+@dataclass(frozen=True)
+class Recipe:
+    """How `fit` trains: the peak learning rate of SGD's one-cycle schedule, the batch size,
+    weight decay and seed.
 
+    shift_and_flip: augment every batch (`augment`); off where the data set applies its own
+    random transform (image folders: random resized crop and flip, in `workers` DataLoader
+    processes).
     teacher: a network with the model's outputs (the unpruned one, when fine-tuning a pruned
     network), kept as it is; the model learns its softened outputs as well as the labels
     (`distilled`).
-    shift_and_flip: augment every batch (`augment`); off where the data set applies its own
-    random transform (image folders: random resized crop and flip, in `workers` processes).
-    `on_epoch` receives the state after every epoch; passing it back as `resume` (with the
-    model's weights of that moment) continues exactly as if never stopped.
+    """
+
+    lr: float = 0.05
+    batch_size: int = 128
+    weight_decay: float = 5e-4
+    seed: int = 0
+    shift_and_flip: bool = True
+    workers: int = 0
+    teacher: nn.Module | None = None
+
+    def __post_init__(self) -> None:
+        if not (self.lr > 0 and self.batch_size >= 1 and self.weight_decay >= 0
+                and self.workers >= 0):
+            raise CarpruneError(f"a training recipe needs a positive learning rate and batch "
+                                f"size and no negative weight decay or workers, got lr "
+                                f"{self.lr}, batch size {self.batch_size}, weight decay "
+                                f"{self.weight_decay}, workers {self.workers}")
+
+
+def fit(model: nn.Module, train: Dataset, epochs: int, recipe: Recipe = Recipe(),
+        val: Dataset | None = None, progress: bool = True, desc: str = "train",
+        resume: TrainState | None = None,
+        on_epoch: Callable[[TrainState], None] | None = None) -> list[dict]:
+    """Train in place with SGD + Nesterov momentum under a one-cycle schedule, on the model's
+    device, as `recipe` says; returns a log. `on_epoch` receives the state after every epoch;
+    passing it back as `resume` (with the model's weights of that moment) continues exactly as
+    if never stopped.
     """
     if epochs <= 0:
         return []
     if len(train) == 0:
         raise CarpruneError("the training set is empty; give a data set with images")
     layout = arrange(model, first_image(train))  # before seeding: reading it may draw
-    _check_teacher(teacher, model, first_image(train))
+    _check_teacher(recipe.teacher, model, first_image(train))
+    seed = recipe.seed
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    loader, sampler = _loader(train, batch_size, seed, generator, workers)
+    loader, sampler = _loader(train, recipe.batch_size, seed, generator, recipe.workers)
     device = device_of(model)
     net = model
     if dist.active():  # each rank a share of every global batch; DDP averages the gradients
         net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
                                       else None)
-    opt, sched = _optimizer(model, lr, weight_decay, epochs, len(loader))
+    opt, sched = _optimizer(model, recipe.lr, recipe.weight_decay, epochs, len(loader))
     log, first = _restore(resume, opt, sched, generator, len(loader))
     for epoch in range(first, epochs + 1):
         if sampler is not None:  # per-epoch, per-rank seeds: resumable without saved RNG state
             sampler.set_epoch(epoch)
             generator.manual_seed(seed + 1000 * epoch + dist.rank())
             torch.manual_seed(seed + 1000 * epoch + dist.rank())
-        step = _Step(net, opt, sched, generator if shift_and_flip else None, device, layout,
-                     teacher)
+        step = _Step(net, opt, sched, generator if recipe.shift_and_flip else None, device,
+                     layout, recipe.teacher)
         entry = {"epoch": epoch, **_epoch(step, loader, f"{desc} epoch {epoch}/{epochs}",
                                           progress)}
         if not math.isfinite(entry["train_loss"]):
             raise CarpruneError(f"training diverged at epoch {epoch} (loss is not finite); "
                                 "lower the learning rate or check the data for NaN")
         if val is not None:
-            entry["val_accuracy"] = evaluate(model, val, workers=workers).accuracy
+            entry["val_accuracy"] = evaluate(model, val, workers=recipe.workers).accuracy
         log.append(entry)
         if progress and dist.is_main():
             tqdm.write(f"{desc} epoch {epoch}/{epochs}: loss {entry['train_loss']:.4f}, "

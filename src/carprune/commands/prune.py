@@ -21,7 +21,7 @@ from ..errors import CarpruneError
 from ..groups import Surgery
 from ..measure import speed_report
 from ..resume import RunState
-from ..train import evaluate, fit
+from ..train import Recipe, evaluate, fit
 from .common import (
     command_line,
     held_in_memory,
@@ -54,10 +54,10 @@ def run(config: PruneConfig, data=None, model: nn.Module | None = None) -> dict:
     pruned = result.model
     after = _measure(pruned, data, by_original)
     start = time.perf_counter()
-    fit(pruned, train, config.finetune_epochs, lr=config.finetune_lr, seed=config.seed,
-        desc="fine-tune", resume=state.training(pruned),
-        on_epoch=lambda ts: state.save_training(pruned, ts), shift_and_flip=data.augment,
-        workers=data.workers, teacher=model if config.distill else None)
+    recipe = Recipe(lr=config.finetune_lr, seed=config.seed, shift_and_flip=data.augment,
+                    workers=data.workers, teacher=model if config.distill else None)
+    fit(pruned, train, config.finetune_epochs, recipe, desc="fine-tune",
+        resume=state.training(pruned), on_epoch=lambda ts: state.save_training(pruned, ts))
     finetune_seconds = time.perf_counter() - start
     finetuned = _measure(pruned, data, by_original, speed=True, splits=("test",))
     summary = _summary(config, source, result, global_steps, before, after, finetuned,

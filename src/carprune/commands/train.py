@@ -11,7 +11,7 @@ from ..config import TrainConfig
 from ..data import load_data
 from ..devices import resolve_device
 from ..models import create_model
-from ..train import evaluate, fit
+from ..train import Recipe, evaluate, fit
 from .common import command_line, refuse_existing_output, table
 
 
@@ -27,8 +27,9 @@ def run(config: TrainConfig) -> dict:
     io.attach_data(model, data)
     refuse_existing_output(config.out)
     start = time.perf_counter()
-    log = fit(model, data.train, config.epochs, lr=config.lr, batch_size=config.batch_size,
-              seed=config.seed, val=data.val, shift_and_flip=data.augment, workers=data.workers)
+    log = fit(model, data.train, config.epochs,
+              Recipe(lr=config.lr, batch_size=config.batch_size, seed=config.seed,
+                     shift_and_flip=data.augment, workers=data.workers), val=data.val)
     seconds = time.perf_counter() - start
     test = evaluate(model, data.test, data.num_classes, workers=data.workers)
     val = evaluate(model, data.val, data.num_classes, workers=data.workers)

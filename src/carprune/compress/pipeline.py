@@ -20,7 +20,7 @@ from torch.nn.utils import prune
 from .. import io
 from ..data import check_fits
 from ..errors import CarpruneError
-from ..train import evaluate, fit
+from ..train import Recipe, evaluate, fit
 from .carz import coded_breakdown, load_carz, record_sizes, write_carz
 from .kmeans import freeze_, quantize_
 
@@ -162,15 +162,15 @@ def compress_run(checkpoint_or_run_dir: str | os.PathLike, data, out: str | os.P
               if key not in {f"{name}.weight" for name in modules}]
     for r, fraction in enumerate(sparsity_schedule(prune_rounds)):
         prune_weights(model, weight_sparsity, scope, layer_sparsity, fraction)
-        fit(model, data.train, finetune_epochs, lr=finetune_lr, seed=seed + 2 * r,
+        fit(model, data.train, finetune_epochs, Recipe(lr=finetune_lr, seed=seed + 2 * r),
             progress=progress, desc=f"fine-tune pruned ({r + 1}/{prune_rounds})")
     make_permanent(model)
     accuracy["pruned"] = evaluate(model, data.test).accuracy
     zeros = {name: float((m.weight == 0).float().mean()) for name, m in modules.items()}
     codebooks = _share_weights(modules, widths, sizes)
     accuracy["quantized"] = evaluate(model, data.test).accuracy
-    fit(model, data.train, finetune_epochs, lr=centroid_lr, seed=seed + 1, progress=progress,
-        desc="fine-tune centroids")
+    fit(model, data.train, finetune_epochs, Recipe(lr=centroid_lr, seed=seed + 1),
+        progress=progress, desc="fine-tune centroids")
     for module in modules.values():
         freeze_(module)
     path = out / "model.carz"

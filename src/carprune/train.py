@@ -156,8 +156,9 @@ def fit(model: nn.Module, train: Dataset, epochs: int, recipe: Recipe = Recipe()
         return []
     if len(train) == 0:
         raise CarpruneError("the training set is empty; give a data set with images")
-    layout = arrange(model, first_image(train))  # before seeding: reading it may draw
-    _check_teacher(recipe.teacher, model, first_image(train))
+    image = first_image(train)  # before seeding: reading it may draw
+    layout = arrange(model, image)
+    _check_teacher(recipe.teacher, model, image)
     seed = recipe.seed
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)

@@ -6,7 +6,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import carprune as cp
-from carprune.train import augment, distilled
+from carprune.distill import Teacher, distilled, read_features
+from carprune.train import augment
 
 from .conftest import subset
 
@@ -56,17 +57,24 @@ def test_distilled_is_the_hand_formula():
     assert float(distilled(s, t, y)) == pytest.approx(float(0.9 * 16 * kl + 0.1 * ce), rel=1e-5)
 
 
+def hidden(width: int = 5) -> nn.Sequential:
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, width), nn.ReLU(), nn.Dropout(0.0),
+                         nn.Linear(width, 3))
+
+
 def test_fit_with_a_teacher_takes_the_distilled_step():
     """One step on one batch, no augmentation or weight decay: a one-step cycle runs at its
     final rate, lr / 25 / 10^4, and momentum, 0.95 (OneCycleLR's defaults), so SGD's first
-    Nesterov step moves by 1.95 x that rate x the gradient of the distilled loss (the
-    teacher's outputs held fixed); the teacher does not move."""
+    Nesterov step moves by 1.95 x that rate x the gradient of the loss: the distilled outputs
+    plus 10 x the squared difference of the classifier's features (the dropout's input) over
+    the teacher's mean square (the teacher's outputs held fixed); the teacher does not move."""
     torch.manual_seed(0)
-    student = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
-    teacher = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    student, teacher = hidden(), hidden()
     x, y = torch.randn(8, 1, 3, 4), torch.randint(0, 3, (8,))
     expected = copy.deepcopy(student)
-    loss = distilled(expected(x), teacher(x).detach(), y)
+    features, taught = expected[:3](x), teacher[:3](x).detach()
+    loss = (distilled(expected(x), teacher(x).detach(), y)
+            + 10 * ((features - taught) ** 2).mean() / (taught ** 2).mean())
     grads = torch.autograd.grad(loss, list(expected.parameters()))
     teacher_before = copy.deepcopy(teacher.state_dict())
     cp.fit(student, TensorDataset(x, y), 1, cp.Recipe(lr=2.5e4, batch_size=8, weight_decay=0,
@@ -75,6 +83,19 @@ def test_fit_with_a_teacher_takes_the_distilled_step():
     for p, p0, g in zip(student.parameters(), expected.parameters(), grads, strict=True):
         torch.testing.assert_close(p.detach(), p0.detach() - 1.95 * 0.1 * g)
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in teacher_before.items())
+
+
+def test_the_hint_reads_the_features_before_dropout_and_only_where_they_were_kept():
+    """The features are the input of the dropout before the classifier, or of the classifier
+    where none runs before it (none without conv or linear layers); a student whose features
+    were pruned learns the outputs only."""
+    image, net = torch.randn(1, 1, 3, 4), hidden()
+    assert read_features(net, image) is net[3]
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.ReLU(), nn.Linear(5, 3))
+    assert read_features(plain, image) is plain[3]
+    assert read_features(nn.Flatten(), image) is None
+    assert Teacher.check(hidden(), hidden(), image).reads is not None
+    assert Teacher.check(hidden(), hidden(4), image).reads is None
 
 
 def test_a_teacher_with_other_outputs_is_refused():

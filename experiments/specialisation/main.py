@@ -49,7 +49,8 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
                         help="both CARs without least-squares refits of the consumers")
     parser.add_argument("--distill", action="store_true",
                         help="fine-tune the pruned networks towards the unpruned specialised "
-                        "network's outputs as well as the labels (carprune prune --distill)")
+                        "network's outputs and classifier features as well as the labels "
+                        "(carprune prune --distill)")
     parser.add_argument("--finetune-batch", type=int, default=128,
                         help="batch size of fine-tuning and of training from scratch")
     parser.add_argument("--no-augment", dest="augment", action="store_false",

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from .car.settings import Approximation, Budget, EngineOptions, check_global, check_keep
 from .criteria import CRITERIA
 from .devices import resolve_device
+from .distill import DISTILL_WEIGHT, HINT_WEIGHT, TEMPERATURE
 from .errors import CarpruneError
 from .scoring import DEFAULT_MEMORY_BUDGET, ENGINES
 from .scoring.compensation import RIDGE
-from .train import DISTILL_WEIGHT, TEMPERATURE
 
 
 def option(default, help: str, check: Callable | None = None, **cli):
@@ -237,10 +237,11 @@ class PruneConfig(ModelOptions):
                                   "GPU (default 2)", positive)
     finetune_epochs: int = option(2, "epochs of fine-tuning after pruning", at_least(0))
     finetune_lr: float = option(0.01, "fine-tuning learning rate", positive)
-    distill: bool = option(False, "fine-tune towards the unpruned network's outputs as well as "
-                           f"the labels (knowledge distillation: {DISTILL_WEIGHT} of the loss is "
-                           "the KL divergence from its outputs softened at temperature "
-                           f"{TEMPERATURE:g})")
+    distill: bool = option(False, "fine-tune towards the unpruned network's outputs and "
+                           "classifier features as well as the labels (knowledge distillation: "
+                           f"{DISTILL_WEIGHT} of the KL divergence from its outputs softened at "
+                           f"temperature {TEMPERATURE:g}, plus {HINT_WEIGHT:g} x the relative "
+                           "squared difference of the features its classifier reads)")
     train_samples: int | None = option(None, "fine-tune on the first N training images only "
                                        "(default: all)", positive)
     seed: int = option(0, "seed for fine-tuning and for --criterion random")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
@@ -166,7 +167,7 @@ class CARImportance(tp.importance.Importance):
         self.engine = engine
         self.classes, self.names = classes, getattr(data, "classes", None)
         self._task: tuple[str, ClassSubset, ScoringSet] | None = None
-        self._prunable: tuple[int, set[str]] | None = None  # (id of the model, its layers)
+        self._prunable: tuple[weakref.ref, set[str]] | None = None  # (the model, its layers)
 
     @torch.no_grad()
     def __call__(self, group) -> torch.Tensor | None:
@@ -175,8 +176,8 @@ class CARImportance(tp.importance.Importance):
             return None
         surgery = Surgery.adopt(group._DG, self.scoring.example())
         name = surgery.names[root]
-        if self._prunable is None or self._prunable[0] != id(surgery.model):
-            self._prunable = id(surgery.model), set(surgery.prunable_layers())  # trials once
+        if self._prunable is None or self._prunable[0]() is not surgery.model:
+            self._prunable = weakref.ref(surgery.model), set(surgery.prunable_layers())
         if name not in self._prunable[1]:
             return None
         size = surgery.size(name)

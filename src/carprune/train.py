@@ -1,5 +1,5 @@
 """Training and fine-tuning: SGD with momentum, one-cycle schedule, light augmentation, and
-optionally distillation from a teacher (the unpruned network, when fine-tuning a pruned one)."""
+optionally distillation from a teacher (distill.py)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from . import dist
 from .devices import device_of
+from .distill import Teacher
 from .errors import CarpruneError
 from .layout import arrange, arranged, layout_for
 
@@ -35,21 +36,6 @@ def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.
     flip = torch.rand(n, generator=generator) < 0.5
     out[flip] = out[flip].flip(-1)
     return out
-
-
-DISTILL_WEIGHT, TEMPERATURE = 0.9, 4.0  # Hinton et al.'s soft targets, as commonly set
-
-
-def distilled(logits: torch.Tensor, teacher_logits: torch.Tensor,
-              y: torch.Tensor) -> torch.Tensor:
-    """Knowledge distillation (Hinton, Vinyals & Dean 2015): DISTILL_WEIGHT of the KL
-    divergence from the teacher's outputs to the student's, both softened by TEMPERATURE (times
-    its square, so that the gradients keep their scale), and the rest cross-entropy with the
-    labels."""
-    soft = F.kl_div(F.log_softmax(logits / TEMPERATURE, 1),
-                    F.log_softmax(teacher_logits / TEMPERATURE, 1), log_target=True,
-                    reduction="batchmean") * TEMPERATURE ** 2
-    return DISTILL_WEIGHT * soft + (1 - DISTILL_WEIGHT) * F.cross_entropy(logits, y)
 
 
 @dataclass
@@ -122,8 +108,8 @@ class Recipe:
     random transform (image folders: random resized crop and flip, in `workers` DataLoader
     processes).
     teacher: a network with the model's outputs (the unpruned one, when fine-tuning a pruned
-    network), kept as it is; the model learns its softened outputs as well as the labels
-    (`distilled`).
+    network), kept as it is; the model learns its softened outputs and its classifier's
+    features as well as the labels (distill.py).
     """
 
     lr: float = 0.05
@@ -158,7 +144,7 @@ def fit(model: nn.Module, train: Dataset, epochs: int, recipe: Recipe = Recipe()
         raise CarpruneError("the training set is empty; give a data set with images")
     image = first_image(train)  # before seeding: reading it may draw
     layout = arrange(model, image)
-    _check_teacher(recipe.teacher, model, image)
+    teacher = None if recipe.teacher is None else Teacher.check(recipe.teacher, model, image)
     seed = recipe.seed
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -176,7 +162,7 @@ def fit(model: nn.Module, train: Dataset, epochs: int, recipe: Recipe = Recipe()
             generator.manual_seed(seed + 1000 * epoch + dist.rank())
             torch.manual_seed(seed + 1000 * epoch + dist.rank())
         step = _Step(net, opt, sched, generator if recipe.shift_and_flip else None, device,
-                     layout, recipe.teacher)
+                     layout, teacher)
         entry = {"epoch": epoch, **_epoch(step, loader, f"{desc} epoch {epoch}/{epochs}",
                                           progress)}
         if not math.isfinite(entry["train_loss"]):
@@ -195,21 +181,6 @@ def fit(model: nn.Module, train: Dataset, epochs: int, recipe: Recipe = Recipe()
                                 torch.get_rng_state(), list(log)))
     model.eval()
     return log
-
-
-def _check_teacher(teacher: nn.Module | None, model: nn.Module, image: torch.Tensor) -> None:
-    """A teacher must answer an image with as many outputs as the model; it is put in eval
-    mode (its norms keep their statistics) and never trained."""
-    if teacher is None:
-        return
-    teacher.eval()
-    with torch.no_grad():
-        want = model.eval()(image.to(device_of(model))).shape
-        got = teacher(image.to(device_of(teacher))).shape
-    if got != want:
-        raise CarpruneError(f"the teacher gives {tuple(got)} outputs for an image where the "
-                            f"network gives {tuple(want)}; distil from a network with the "
-                            "same classes (with --classes, the unpruned network specialised)")
 
 
 def _loader(train: Dataset, batch_size: int, seed: int, generator: torch.Generator,
@@ -256,7 +227,7 @@ def _restore(resume: TrainState | None, opt, sched, generator: torch.Generator,
 @dataclass
 class _Step:
     """One optimizer step on a batch: augment (when a generator is given), forward, backward;
-    the loss is cross-entropy, or `distilled` towards the teacher's outputs when there is one."""
+    the loss is cross-entropy, or the teacher's (distill.py) when there is one."""
 
     net: nn.Module
     opt: torch.optim.Optimizer
@@ -264,20 +235,18 @@ class _Step:
     generator: torch.Generator | None
     device: torch.device
     layout: torch.memory_format  # the network's (layout.py)
-    teacher: nn.Module | None = None
+    teacher: Teacher | None = None
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.generator is not None:
             x = augment(x, self.generator)
         x = arranged(x.to(self.device), self.layout)
         y = y.to(self.device)
-        logits = self.net(x)
         if self.teacher is None:
+            logits = self.net(x)
             loss = F.cross_entropy(logits, y)
         else:
-            with torch.no_grad():
-                taught = self.teacher(x)
-            loss = distilled(logits, taught, y)
+            loss, logits = self.teacher.loss(self.net, x, y)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()

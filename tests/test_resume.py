@@ -263,3 +263,22 @@ def test_replayed_global_run_with_screen_goes_on_identically(tiny, fmnist, tmp_p
     theirs = resumed.model.state_dict()
     assert all(torch.equal(v, theirs[k]) for k, v in whole.model.state_dict().items())
 
+
+
+def test_the_network_a_global_run_hands_on_saves_and_reloads(tiny, fmnist, tmp_path):
+    """on_step's network carries the removals so far in its spec: cp.save writes it and
+    cp.load rebuilds it with the same outputs, mid-run, also where gradients are off."""
+    scoring, images = subset(fmnist.val, 200), fmnist.test.tensors[0][:32]
+    seen = []
+
+    def save_second(progress, model):
+        if len(progress.rounds) == 2:
+            cp.save(model, tmp_path / "mid")
+            with torch.no_grad():
+                seen.append(model.eval()(images))
+    global_car_prune(tiny, scoring, 0.5, budget=Budget(min_keep=0.0), progress=False,
+                     resume=Resume(on_step=save_second))
+    with torch.no_grad():
+        torch.testing.assert_close(cp.load(tmp_path / "mid")(images), seen[0])
+    with torch.inference_mode():
+        torch.testing.assert_close(cp.load(tmp_path / "mid")(images), seen[0])

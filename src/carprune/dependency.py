@@ -15,10 +15,12 @@ from .layout import own_forward
 
 def dependency_graph(model: nn.Module, example_inputs: torch.Tensor) -> tp.DependencyGraph:
     """Torch-Pruning's graph of which channels must go together, or one sentence why not,
-    blaming Torch-Pruning only when the network's own forward runs (`own_forward`)."""
+    blaming Torch-Pruning only when the network's own forward runs (`own_forward`). The graph
+    is traced through autograd, so it is built with gradients on, whatever the caller's mode."""
     own_forward(model, example_inputs)
     try:
-        return tp.DependencyGraph().build_dependency(model, example_inputs, verbose=False)
+        with torch.inference_mode(False), torch.enable_grad():
+            return tp.DependencyGraph().build_dependency(model, example_inputs, verbose=False)
     except Exception as exc:  # noqa: BLE001 - Torch-Pruning raises many kinds on odd graphs
         raise CarpruneError(f"Torch-Pruning cannot build the dependency graph of this network, "
                             f"whose own forward runs ({type(exc).__name__}: {str(exc)[:200]}); "

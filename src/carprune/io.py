@@ -86,6 +86,7 @@ def spec_of(model: nn.Module) -> dict:
     return spec
 
 
+@torch.inference_mode(False)  # ordinary weights even when loaded under inference mode
 def build(spec: dict) -> nn.Module:
     """A fresh model for `spec`: the architecture, then the recorded channel removals."""
     arch = spec.get("arch")

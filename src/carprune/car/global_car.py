@@ -21,7 +21,7 @@ from .budget import Meter
 from .ranking import Ranking, group_leaders
 from .records import GlobalProgress, GlobalStep, LayerRecord, PruneResult
 from .rounds import Mode, unit_round
-from .run import Run, check_layers, finish, open_surgery, start
+from .run import Run, check_layers, finish, open_surgery, record_history, start
 from .settings import Approximation, Budget, Resume, check_global
 
 
@@ -65,6 +65,7 @@ def global_car_prune(model: nn.Module, data, target: float, layers: Sequence[str
             break
         rounds.append(removals)
         if resume.on_step is not None:
+            record_history(run.surgery)  # so that the network handed on saves and reloads
             resume.on_step(GlobalProgress(rounds, ranking.last, ranking.images, run.val_before,
                                           meter.snapshot()), run.surgery.model)
     return finish(run, records), [st for r in rounds for st in r]

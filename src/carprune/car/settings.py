@@ -159,7 +159,7 @@ class Resume:
     val_before: a per-layer run's scoring accuracy before its first removal.
     on_step: per layer, called with all records so far and the accuracy before, after every
     removal; global, with the GlobalProgress and the network, after every round (to save
-    state, or measure the network on the way).
+    state, or measure or save the network on the way: its spec holds the removals so far).
     """
 
     done: dict[str, LayerRecord] | GlobalProgress | None = None

@@ -36,25 +36,30 @@ def hint(features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor
     return F.mse_loss(features, teacher_features) / teacher_features.pow(2).mean().clamp_min(1e-12)
 
 
-def read_features(model: nn.Module, image: torch.Tensor) -> nn.Module | None:
-    """The module whose input is the features the classifier reads: the last conv or linear
-    layer to run, or the dropout that runs just before it (so that the features are taken
-    before dropout's noise); None for a network without either."""
-    order: list[nn.Module] = []
+def read_features(model: nn.Module,
+                  image: torch.Tensor) -> tuple[nn.Module | None, torch.Size | None, torch.Size]:
+    """From one forward pass: the module whose input is the features the classifier reads (the
+    last conv or linear layer to run, or the dropout that runs just before it, so that the
+    features are taken before dropout's noise; None for a network without either), the shape
+    of those features, and the shape of the network's output."""
+    ran: list[tuple[nn.Module, torch.Size]] = []
     leaves = [m for m in model.modules() if not list(m.children())]
-    hooks = [m.register_forward_hook(lambda m, i, o: order.append(m)) for m in leaves]
+    hooks = [m.register_forward_pre_hook(  # any leaf may be called with keywords or no tensor
+        lambda m, args: ran.append((m, getattr(args[0], "shape", None) if args else None)))
+        for m in leaves]
     try:
         with torch.no_grad():
-            model.eval()(image.to(device_of(model)))
+            out = model.eval()(image.to(device_of(model)))
     finally:
         for h in hooks:
             h.remove()
-    layers = [i for i, m in enumerate(order) if isinstance(m, (nn.Conv2d, nn.Linear))]
+    layers = [i for i, (m, _) in enumerate(ran) if isinstance(m, (nn.Conv2d, nn.Linear))]
     if not layers:
-        return None
+        return None, None, out.shape
     last = layers[-1]
-    before = order[last - 1] if last > 0 else None
-    return before if isinstance(before, nn.modules.dropout._DropoutNd) else order[last]
+    if last > 0 and isinstance(ran[last - 1][0], nn.modules.dropout._DropoutNd):
+        last -= 1
+    return *ran[last], out.shape
 
 
 @contextlib.contextmanager
@@ -87,19 +92,15 @@ class Teacher:
     def check(cls, teacher: nn.Module, model: nn.Module, image: torch.Tensor) -> Teacher:
         """The teacher, after checking that it answers an image with as many outputs as the
         model."""
-        modules = (read_features(model, image), read_features(teacher, image))
-        if None in modules:
-            modules = ()
-        with torch.no_grad(), inputs_of(modules) as features:
-            want = model.eval()(image.to(device_of(model))).shape
-            got = teacher.eval()(image.to(device_of(teacher))).shape
+        mine, my_features, want = read_features(model, image)
+        theirs, their_features, got = read_features(teacher, image)
         if got != want:
             raise CarpruneError(f"the teacher gives {tuple(got)} outputs for an image where "
                                 f"the network gives {tuple(want)}; distil from a network with "
                                 "the same classes (with --classes, the unpruned network "
                                 "specialised)")
-        same = modules and features[0].shape == features[1].shape
-        return cls(teacher, modules if same else None)
+        same = my_features is not None and my_features == their_features
+        return cls(teacher, (mine, theirs) if same else None)
 
     def loss(self, net: nn.Module, x: torch.Tensor,
              y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

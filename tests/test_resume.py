@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,7 +26,8 @@ from carprune.car import (
     car_prune,
     global_car_prune,
 )
-from carprune.io import atomic_write
+from carprune.cli import main
+from carprune.io import atomic_write, write_json
 from carprune.resume import STATE_DIR, RunState
 
 from .conftest import SMALL_DATA, quick_trained, subset
@@ -282,3 +284,21 @@ def test_the_network_a_global_run_hands_on_saves_and_reloads(tiny, fmnist, tmp_p
         torch.testing.assert_close(cp.load(tmp_path / "mid")(images), seen[0])
     with torch.inference_mode():
         torch.testing.assert_close(cp.load(tmp_path / "mid")(images), seen[0])
+
+
+def test_a_run_stopped_while_writing_its_results_resumes(tmp_path, monkeypatch):
+    """The run's state goes only after the network and result.json are written, so a run
+    stopped between the two resumes (rather than finding a directory it refuses)."""
+    def stop_at_result(path, *args, **kwargs):
+        if Path(path).name == "result.json":
+            raise KeyboardInterrupt
+        return write_json(path, *args, **kwargs)
+
+    command = [*ARGS[:-1], "0", "--out", str(tmp_path / "run")]
+    with monkeypatch.context() as patch:
+        patch.setattr("carprune.commands.prune.io.write_json", stop_at_result)
+        with pytest.raises(SystemExit):
+            main(command)
+    assert (tmp_path / "run" / "model.json").is_file()
+    main(command)
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["accuracy"]

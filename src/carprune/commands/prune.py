@@ -64,9 +64,9 @@ def run(config: PruneConfig, data=None, model: nn.Module | None = None) -> dict:
                        finetune_seconds, scoring.total)
     if subset is not None:
         summary["classes"] = _classes(subset, pruned, result, summary["accuracy"])
-    state.finish()
     if dist.is_main():
         _write(pruned, result, global_steps, summary)
+        state.finish()  # only now: a run stopped while writing resumes, rather than refuses
         _print(result, summary)
     return summary
 

@@ -69,13 +69,11 @@ def global_car(model: nn.Module, scoring, target: float, snapshots: Snapshots,
         resume=cp.Resume(on_step=lambda progress, pruned: snapshots(pruned)))
 
 
-def pruned_networks(model: nn.Module, data, names: tuple[str, ...], subset_data,
-                    args: argparse.Namespace) -> tuple[dict, dict]:
+def pruned_networks(model: nn.Module, trimmed: nn.Module, data, names: tuple[str, ...],
+                    subset_data, args: argparse.Namespace) -> tuple[dict, dict]:
     """Per method of PRUNED, level -> (specialised pruned network, its share of the MACs), and
-    each method's seconds."""
-    shape, levels = data.input_shape, args.levels
-    example = data.example(1)
-    trimmed = cp.specialise(model, names, example)
+    each method's seconds; `trimmed` is `model` specialised to `names`."""
+    shape, levels, example = data.input_shape, args.levels, data.example(1)
     macs0 = macs_params(trimmed, shape)[0]
     trim_saves = macs_params(model, shape)[0] - macs0  # the head's MACs trimming removes
 
@@ -149,7 +147,7 @@ def subset_study(model: nn.Module, data, key: str, args: argparse.Namespace) -> 
     train = cp.data.first_images(sub.train, args.train_samples, "--train-samples")
     teacher = cp.specialise(model, names, data.example(1))
     unpruned = cp.evaluate(teacher, sub.test).accuracy
-    nets, seconds = pruned_networks(model, data, names, sub, args)
+    nets, seconds = pruned_networks(model, teacher, data, names, sub, args)
     levels: dict[str, dict] = {}
     began = time.perf_counter()
     for level in args.levels:

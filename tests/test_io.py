@@ -33,6 +33,15 @@ def test_unknown_model_name():
         cp.create_model("vgg99")
 
 
+def test_what_cannot_be_saved_is_refused_before_anything_is_written(tmp_path):
+    result = cp.PruneResult(cp.create_model("convnet"), {}, 0.9, 0.9, 1.0, "fast")
+    with pytest.raises(cp.CarpruneError, match="not a PruneResult.*\\.model"):
+        cp.save(result, tmp_path / "a")
+    with pytest.raises(cp.CarpruneError, match="no carprune spec"):
+        cp.save(result.model, tmp_path / "b")  # built outside carprune.build / load
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_checkpoint_that_does_not_fit(tmp_path):
     model = cp.create_model("convnet")
     model.carprune_spec = spec()

@@ -104,13 +104,17 @@ def build(spec: dict) -> nn.Module:
 
 
 def save(model: nn.Module, out_dir: str | os.PathLike, extra: dict | None = None) -> None:
-    """Write `model.safetensors` and `model.json` into out_dir (atomically, file by file)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """Write `model.safetensors` and `model.json` into out_dir (atomically, file by file);
+    nothing, not even the directory, when the model cannot be saved."""
+    if not isinstance(model, nn.Module):
+        raise CarpruneError(f"save takes a network (an nn.Module), not a {type(model).__name__}; "
+                            "pass the network it holds (a prune result's .model)")
     spec = dict(spec_of(model), format=FORMAT, **(extra or {}))
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     blob = tensors_to_bytes(tensors, metadata={"architecture_sha256": _architecture_sha(spec)})
     spec["weights_sha256"] = hashlib.sha256(blob).hexdigest()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "model.safetensors", blob)
     write_json(out / "model.json", spec)
 

@@ -33,8 +33,9 @@ def test_augment_translates_and_flips_only():
 
 
 def test_runs_of_a_few_steps_train(fmnist):
-    """1 to 8 optimizer steps (OneCycleLR divided by zero at four): one epoch logged, and
-    every weight tensor moved."""
+    """1 to 8 optimizer steps (OneCycleLR divided by zero at four, and took one or two steps
+    at about lr / 25 / 10^4): one epoch logged, and every weight tensor moved by more than
+    rounding."""
     for steps in range(1, 9):
         torch.manual_seed(0)
         model = cp.create_model("convnet", widths=(8, 16, 16), hidden=32)
@@ -43,7 +44,7 @@ def test_runs_of_a_few_steps_train(fmnist):
                      progress=False)
         after = [p.detach() for p in model.parameters() if p.ndim > 1]
         assert len(log) == 1
-        assert all(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+        assert all(float((a - b).abs().max()) > 1e-4 for a, b in zip(before, after, strict=True))
 
 
 def test_distilled_is_the_hand_formula():
@@ -63,9 +64,9 @@ def hidden(width: int = 5) -> nn.Sequential:
 
 
 def test_fit_with_a_teacher_takes_the_distilled_step():
-    """One step on one batch, no augmentation or weight decay: a one-step cycle runs at its
-    final rate, lr / 25 / 10^4, and momentum, 0.95 (OneCycleLR's defaults), so SGD's first
-    Nesterov step moves by 1.95 x that rate x the gradient of the loss: the distilled outputs
+    """One step on one batch, no augmentation or weight decay: a run too short for a cycle
+    runs at the learning rate, and SGD's first Nesterov step (momentum 0.9) moves by 1.9 x the
+    rate x the gradient of the loss: the distilled outputs
     plus 10 x the squared difference of the classifier's features (the dropout's input) over
     the teacher's mean square (the teacher's outputs held fixed); the teacher does not move."""
     torch.manual_seed(0)
@@ -77,11 +78,11 @@ def test_fit_with_a_teacher_takes_the_distilled_step():
             + 10 * ((features - taught) ** 2).mean() / (taught ** 2).mean())
     grads = torch.autograd.grad(loss, list(expected.parameters()))
     teacher_before = copy.deepcopy(teacher.state_dict())
-    cp.fit(student, TensorDataset(x, y), 1, cp.Recipe(lr=2.5e4, batch_size=8, weight_decay=0,
+    cp.fit(student, TensorDataset(x, y), 1, cp.Recipe(lr=0.1, batch_size=8, weight_decay=0,
                                                       shift_and_flip=False, teacher=teacher),
            progress=False)
     for p, p0, g in zip(student.parameters(), expected.parameters(), grads, strict=True):
-        torch.testing.assert_close(p.detach(), p0.detach() - 1.95 * 0.1 * g)
+        torch.testing.assert_close(p.detach(), p0.detach() - 1.9 * 0.1 * g)
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in teacher_before.items())
 
 

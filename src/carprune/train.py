@@ -196,12 +196,16 @@ def _loader(train: Dataset, batch_size: int, seed: int, generator: torch.Generat
 
 
 def _optimizer(model: nn.Module, lr: float, weight_decay: float, epochs: int, steps: int):
-    """SGD with Nesterov momentum (no decay on biases and norms), one-cycle schedule."""
+    """SGD with Nesterov momentum (no decay on biases and norms), one-cycle schedule; a run
+    of one or two steps, too short to warm up and anneal (a one-cycle schedule would take its
+    last step at lr / 25 / 10^4), at the learning rate throughout."""
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
     opt = torch.optim.SGD([{"params": decay, "weight_decay": weight_decay},
                            {"params": no_decay, "weight_decay": 0.0}],
                           lr=lr, momentum=0.9, nesterov=True)
+    if epochs * steps < 3:
+        return opt, torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
     # a quarter of the steps warms up; at least 1.5 (OneCycleLR divides by zero at exactly 1)
     warmup = min(0.75, max(0.25, 1.5 / (epochs * steps)))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, epochs=epochs,

@@ -87,7 +87,8 @@ def test_sigkill_at_random_points_then_resume_matches_uninterrupted(tmp_path):
     else:
         proc = start(out)  # then let it finish
         proc.wait(timeout=900)
-    assert proc.returncode == 0 or finished(out), proc.stderr.read()
+    assert proc.returncode == 0 or (proc.returncode == -signal.SIGKILL and finished(out)), \
+        proc.stderr.read()
     assert kills >= 2
     result = json.loads((out / "result.json").read_text())
     for layer in ("conv1", "conv3"):
